@@ -1,0 +1,31 @@
+# Two commands a newcomer needs: `make test` and `make demo`.
+# Both create .venv when it is missing and install the package into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is pinned first so the CPU build lying on disk (or the wheel cache) is used
+# instead of resolving a multi-GB CUDA build; pyproject's range admits it.
+TORCH ?= torch==2.13.0
+
+.PHONY: test demo lint install clean
+
+$(BIN)/segmentation: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/segmentation
+
+install: $(BIN)/segmentation
+
+lint: install
+	$(BIN)/ruff check segmentation tests scripts
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,289 @@
+"""The configurable 2D/3D U-Net: encoder → long skips → decoder → 1×1 head."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segmentation.nets import layers
+from segmentation.nets.blocks import InvalidSizeError
+from segmentation.nets.decoder import Decoder
+from segmentation.nets.encoder import Encoder
+
+_SEARCH_LIMIT = 4096  # how far the valid-size search looks above or below a requested size
+
+
+def _per_level(name: str, value: int | Sequence[int], levels: int) -> tuple[int, ...]:
+    """Expand an int to one value per level, or check a sequence has one per level."""
+    if isinstance(value, int):
+        values: tuple[int, ...] = (value,) * levels
+    else:
+        values = tuple(int(v) for v in value)
+    if len(values) != levels:
+        raise ValueError(f"{name} has {len(values)} entries but the network has {levels} "
+                         f"levels (len(features)); give one value per level or a single int")
+    if min(values) < 1:
+        raise ValueError(f"{name} must be ≥ 1 everywhere, got {list(values)}")
+    return values
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) for 2D or 3D images, with every design choice switchable.
+
+    ``forward`` is the diagram: the encoder returns one feature map per level, the decoder
+    consumes them bottom-up, concatenating the level's encoder map where its long skip is on,
+    and a 1×1 convolution maps the top decoder level to class logits.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (modalities).
+        out_channels: classes, background included.
+        features: channels per level, top first; depth (number of downsamplings) is
+            ``len(features) − 1``.
+        convs_per_level: convolutions per level of a plain encoder (int or one per level).
+        decoder_convs_per_level: convolutions per decoder level.
+        padding: "same" (zero-padded convs; any input size, output = input size) or "valid"
+            (unpadded convs as in the original U-Net; encoder maps are center-cropped before
+            concatenation and the output is smaller than the input).
+        long_skips: True/False for every level, or one flag per level except the bottleneck,
+            top first (``[False, True, True, True]`` drops only the uppermost skip).
+        encoder_block: "plain" (conv → norm → act) or "residual" (pre-activation blocks with a
+            1×1 projection shortcut when the channel count changes).
+        blocks_per_level: residual blocks per encoder level (int or one per level), e.g.
+            ``[1, 3, 4, 6, 6, 6]`` as in nnU-Net ResEnc.
+        downsample: "maxpool" or "conv" (learned, kernel 2 stride 2).
+        upsample: "transpose" (2×2 up-conv) or "interpolate" (nearest + 1×1 conv).
+        norm: "instance", "batch", "group" or "none"/None.
+        act: "relu", "leakyrelu" or "gelu".
+        dropout: dropout probability after each activation (0 disables it).
+        bias: convolution biases on/off.
+        kernel_size: odd kernel size of the main convolutions.
+        deep_supervision: return auxiliary outputs of the lower decoder levels while training.
+            The auxiliary 1×1 heads always exist, so checkpoints load either way.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        features: Sequence[int] = (32, 64, 128, 256, 320),
+        convs_per_level: int | Sequence[int] = 2,
+        decoder_convs_per_level: int = 2,
+        padding: str = "same",
+        long_skips: bool | Sequence[bool] = True,
+        encoder_block: str = "plain",
+        blocks_per_level: int | Sequence[int] = 1,
+        downsample: str = "maxpool",
+        upsample: str = "transpose",
+        norm: str | None = "instance",
+        act: str = "leakyrelu",
+        dropout: float = 0.0,
+        bias: bool = True,
+        kernel_size: int = 3,
+        deep_supervision: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(features) < 2:
+            raise ValueError(f"features needs at least 2 levels (depth ≥ 1), got {list(features)}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so a voxel stays centred, got {kernel_size}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.padding = layers.check_choice("padding", padding, layers.PADDINGS)
+        self.deep_supervision = deep_supervision
+        self.depth = len(features) - 1
+        levels = len(features)
+        if isinstance(long_skips, bool):
+            long_skips = (long_skips,) * self.depth
+        if len(long_skips) != self.depth:
+            raise ValueError(f"long_skips has {len(long_skips)} flags but the network has "
+                             f"{self.depth} skip levels (len(features) − 1); give one per level, "
+                             "top first, or a single true/false")
+        self.long_skips = tuple(bool(s) for s in long_skips)
+        unit_kwargs = dict(kernel_size=kernel_size, padding=self.padding, bias=bias,
+                           norm=layers.check_choice("norm", norm, layers.NORMS),
+                           act=layers.check_choice("act", act, layers.ACTS), dropout=dropout)
+
+        self.encoder = Encoder(
+            spatial_dims, in_channels, features,
+            block=layers.check_choice("encoder_block", encoder_block, layers.ENCODER_BLOCKS),
+            convs_per_level=_per_level("convs_per_level", convs_per_level, levels),
+            blocks_per_level=_per_level("blocks_per_level", blocks_per_level, levels),
+            downsample=downsample, **unit_kwargs)
+        self.decoder = Decoder(
+            self.encoder, self.long_skips, upsample=upsample, spatial_dims=spatial_dims,
+            convs_per_level=_per_level("decoder_convs_per_level", decoder_convs_per_level, 1)[0],
+            **unit_kwargs)
+        self.head = layers.conv(spatial_dims, features[0], out_channels, 1)
+        # One auxiliary head per decoder level below the top (deep supervision).
+        self.aux_heads = nn.ModuleList(
+            layers.conv(spatial_dims, features[level], out_channels, 1)
+            for level in range(1, self.depth))
+        self._init_weights(act)
+
+    def _init_weights(self, act: str) -> None:
+        """He (Kaiming) normal initialisation of every convolution, zero biases."""
+        slope = layers.LEAKY_SLOPE if act == "leakyrelu" else 0.0
+        for module in self.modules():
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d
+                          | nn.ConvTranspose3d):
+                nn.init.kaiming_normal_(module.weight, a=slope, nonlinearity="leaky_relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self, include_aux_heads: bool | None = None) -> int:
+        """Number of parameters.
+
+        Args:
+            include_aux_heads: count the deep-supervision heads too; by default only when deep
+                supervision is enabled. The heads always exist (so checkpoints load either way)
+                but take no part in the output otherwise, so the default count is the size of
+                the network that produces the segmentation, the figure papers report.
+        """
+        if include_aux_heads is None:
+            include_aux_heads = self.deep_supervision
+        aux = {id(p) for p in self.aux_heads.parameters()}
+        return sum(p.numel() for p in self.parameters() if include_aux_heads or id(p) not in aux)
+
+    # ---------------------------------------------------------------- shape arithmetic
+    def _output_size(self, n: int) -> int:
+        """Output size along one axis for a "valid" network; raises InvalidSizeError."""
+        if n < 1:
+            raise InvalidSizeError(f"size {n} is not positive")
+        return self.decoder.output_sizes(self.encoder.output_sizes(n))[0]
+
+    def _is_valid(self, n: int) -> bool:
+        try:
+            self._output_size(n)
+        except InvalidSizeError:
+            return False
+        return True
+
+    def nearest_valid_sizes(self, n: int) -> tuple[int | None, int | None]:
+        """The largest valid size ≤ ``n`` and the smallest ≥ ``n`` along one axis.
+
+        In "same" mode every positive size is valid. ``None`` where no such size exists.
+        """
+        if self.padding == "same":
+            return (n, n) if n >= 1 else (None, 1)
+        below = next((m for m in range(n, max(n - _SEARCH_LIMIT, 0), -1) if self._is_valid(m)),
+                     None)
+        above = next((m for m in range(max(n, 1), n + _SEARCH_LIMIT) if self._is_valid(m)),
+                     None)
+        return below, above
+
+    def check_input_shape(self, input_shape: Sequence[int]) -> None:
+        """Raise ValueError unless the network accepts this spatial input shape.
+
+        The message names each bad size and the nearest valid sizes along that axis.
+        """
+        if len(input_shape) != self.spatial_dims:
+            raise ValueError(f"expected a {self.spatial_dims}D spatial shape, got "
+                             f"{tuple(input_shape)}")
+        problems = []
+        for axis, n in enumerate(input_shape):
+            below, above = self.nearest_valid_sizes(int(n))
+            if below != n:
+                nearest = " and ".join(str(m) for m in (below, above) if m is not None)
+                problems.append(f"input {n} (axis {axis}) is not valid; nearest valid sizes "
+                                f"are {nearest}")
+        if problems:
+            raise ValueError("; ".join(problems) + f" (depth {self.depth}, padding "
+                             f"{self.padding!r}; see UNet.valid_input_shape)")
+
+    def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial output shape for a spatial input shape.
+
+        Raises:
+            ValueError: if the input shape is not valid (see :meth:`check_input_shape`).
+        """
+        self.check_input_shape(input_shape)
+        if self.padding == "same":
+            return tuple(int(n) for n in input_shape)
+        return tuple(self._output_size(int(n)) for n in input_shape)
+
+    def valid_input_shape(self, min_shape: Sequence[int]) -> tuple[int, ...]:
+        """The smallest input shape, at least ``min_shape`` along every axis, that is valid."""
+        if len(min_shape) != self.spatial_dims:
+            raise ValueError(f"expected a {self.spatial_dims}D spatial shape, got "
+                             f"{tuple(min_shape)}")
+        shape = []
+        for n in min_shape:
+            above = self.nearest_valid_sizes(int(n))[1]
+            if above is None:
+                raise ValueError(f"no valid input size found in [{n}, {n + _SEARCH_LIMIT})")
+            shape.append(above)
+        return tuple(shape)
+
+    def input_shape_for_output(self, min_output: Sequence[int]) -> tuple[int, ...]:
+        """The smallest valid input whose output is at least ``min_output`` along every axis."""
+        if self.padding == "same":
+            return self.valid_input_shape(min_output)
+        shape = []
+        for want in min_output:
+            n = self.valid_input_shape([int(want)] * self.spatial_dims)[0]
+            while self._output_size(n) < want:
+                n = self.nearest_valid_sizes(n + 1)[1]
+            shape.append(n)
+        return tuple(shape)
+
+    # ---------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            axes = ", ".join("DHW"[3 - self.spatial_dims:])
+            raise ValueError(f"expected input of shape (N, {self.in_channels}, {axes}) for this "
+                             f"{self.spatial_dims}D U-Net with {self.in_channels} input "
+                             f"channel(s), got {tuple(x.shape)}")
+        self.check_input_shape(x.shape[2:])
+
+    def _pad_to_multiple(self, x: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
+        """Zero-pad a "same" input so every axis is a multiple of 2**depth.
+
+        Returns:
+            The padded (N, C, *P) tensor and the slices that cut the original region back out.
+        """
+        multiple = 2 ** self.depth
+        pads: list[tuple[int, int]] = []
+        region = [slice(None), slice(None)]
+        for n in x.shape[2:]:
+            total = math.ceil(n / multiple) * multiple - n
+            before = total // 2
+            pads.append((before, total - before))
+            region.append(slice(before, before + n))
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants last axis first
+        return (F.pad(x, flat) if any(flat) else x), region
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Segment a batch.
+
+        Args:
+            x: (N, in_channels, *S), S a valid input shape.
+
+        Returns:
+            Logits (N, out_channels, *output_shape(S)). With deep supervision while training,
+            a list: those logits first, then one (N, out_channels, *T_l) output per lower
+            decoder level l = 1 … depth − 1.
+        """
+        self._check_input(x)
+        region = None
+        if self.padding == "same":
+            x, region = self._pad_to_multiple(x)    # (N, C_in, *P), P multiple of 2**depth
+        features = self.encoder(x)                  # [(N, C_l, *S_l)] for l = 0 … depth
+        decoded = self.decoder(features)            # [(N, C_l, *T_l)] for l = 0 … depth − 1
+        logits = self.head(decoded[0])              # (N, out_channels, *T_0)
+        if region is not None:
+            logits = logits[tuple(region)]          # (N, out_channels, *S)
+        if not (self.deep_supervision and self.training):
+            return logits
+        aux = [head(level) for head, level in zip(self.aux_heads, decoded[1:], strict=True)]
+        return [logits, *aux]
