@@ -10,6 +10,13 @@ from segmentation import __version__
 from segmentation.data.commands import add_data_commands
 from segmentation.summary import add_summary_command
 
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a network (LightningCLI: segmentation fit --config configs/quickstart.yaml)",
+    "validate": "validate a checkpoint on the validation fold (LightningCLI)",
+    "test": "per-case Dice/HD95 of a checkpoint, written to test_metrics.csv (LightningCLI)",
+    "predict": "run the model's predict loop (LightningCLI)",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``segmentation`` with every subcommand registered."""
@@ -18,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="U-Net segmentation of medical images: data, networks, training, inference.")
     parser.add_argument("--version", action="version", version=f"segmentation {__version__}")
     subparsers = parser.add_subparsers(title="subcommands", metavar="COMMAND")
+    for name, help_text in LIGHTNING_SUBCOMMANDS.items():
+        # Listed here for --help; the arguments are LightningCLI's (segmentation fit --help).
+        subparsers.add_parser(name, help=help_text, add_help=False)
     add_data_commands(subparsers)
     add_summary_command(subparsers)
     return parser
@@ -26,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        from segmentation.training.cli import run_lightning
+
+        return run_lightning(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -87,7 +87,11 @@ class UNet(nn.Module):
         kernel_size: int = 3,
         deep_supervision: bool = False,
     ) -> None:
+        init_args = {k: (list(v) if isinstance(v, tuple | list) else v)
+                     for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        # The arguments that rebuild this network, as a config would name them.
+        self.config = {"class_path": "segmentation.UNet", "init_args": init_args}
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(features) < 2:

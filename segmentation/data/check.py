@@ -1,0 +1,318 @@
+"""Integrity check of a dataset folder, in the spirit of nnU-Net's ``verify_dataset_integrity``.
+
+:func:`check_dataset` reports every problem in one pass, each once, naming the file (relative to
+the dataset folder). Every file is opened and fully decoded exactly once; nothing is written.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from segmentation.data.layout import (
+    CHANNEL_SUFFIX,
+    Case,
+    DatasetError,
+    DatasetInfo,
+    read_dataset,
+    split_file_ending,
+)
+
+AFFINE_ATOL = 1e-4
+SPACING_RTOL = 1e-4
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_dataset` found.
+
+    Attributes:
+        root: the dataset folder.
+        errors: problems that make the dataset unusable, one message per problem.
+        warnings: things that work but may be unintended.
+        info: a summary of the dataset.
+    """
+
+    root: Path
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no errors (warnings allowed)."""
+        return not self.errors
+
+
+@dataclass
+class _Volume:
+    """A decoded file and its geometry."""
+
+    path: Path
+    data: np.ndarray
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+    geometry_ok: bool
+
+
+def check_dataset(root: str | Path) -> CheckReport:
+    """Check a dataset folder in the nnU-Net v2 or MSD layout.
+
+    Checks dataset.json (present, valid, required keys, numTraining), that every training case
+    has all its channels and its label, that every file decodes, has finite values and positive
+    spacing, that labels match their images in shape, spacing and affine and only hold declared
+    values, that channels of a case agree with each other, and that test images decode.
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        The report; ``report.ok`` is False when there are errors.
+    """
+    root = Path(root)
+    report = CheckReport(root=root)
+    try:
+        info = read_dataset(root)
+    except DatasetError as error:
+        report.errors.append(f"{_name(root, error.file)}: {error.problem}")
+        return report
+    _Checker(info, report).run()
+    return report
+
+
+def format_report(report: CheckReport) -> str:
+    """The report as text: info lines, then ``warning: ...``, then ``error: ...``, a summary."""
+    lines = [f"info: {line}" for line in report.info]
+    lines += [f"warning: {line}" for line in report.warnings]
+    lines += [f"error: {line}" for line in report.errors]
+    verdict = "OK" if report.ok else "FAILED"
+    lines.append(f"{verdict}: {len(report.errors)} error(s), {len(report.warnings)} warning(s) "
+                 f"in {report.root}")
+    return "\n".join(lines)
+
+
+def _name(root: Path, path: Path) -> str:
+    """``path`` relative to the dataset folder, or as given when outside it (or the folder)."""
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        return str(path)
+    return relative.as_posix() if relative.parts else str(path)
+
+
+class _Checker:
+    """One pass over a dataset, filling a report."""
+
+    def __init__(self, info: DatasetInfo, report: CheckReport) -> None:
+        self.info, self.report, self.root = info, report, info.root
+        self.n_channels = len(info.channel_names)
+        self.orientations: Counter[str] = Counter()
+        self.spacings: list[tuple[float, ...]] = []
+        self.label_presence: Counter[int] = Counter()
+        self.labels_read = 0
+
+    # ---------------------------------------------------------------- reporting
+    def error(self, path: Path, problem: str) -> None:
+        self.report.errors.append(f"{_name(self.root, path)}: {problem}")
+
+    def warn(self, path: Path, problem: str) -> None:
+        self.report.warnings.append(f"{_name(self.root, path)}: {problem}")
+
+    # ---------------------------------------------------------------- the pass
+    def run(self) -> None:
+        info = self.info
+        self.report.info.append(
+            f"dataset {info.name!r} ({info.convention} layout): {len(info.training)} training "
+            f"case(s), {len(info.test)} test case(s)")
+        self.report.info.append("channels: " + ", ".join(
+            f"{i}={name}" for i, name in enumerate(info.channel_names)))
+        self.report.info.append("labels: " + ", ".join(
+            f"{value}={name}" for value, name in info.label_names.items()))
+        self.check_folders()
+        where = "in imagesTr" if info.convention == "nnunet" else "listed in training"
+        images_folder = (self.root / "imagesTr").is_dir() or info.convention == "msd"
+        if images_folder and info.num_training != len(info.training):
+            self.error(self.root / "dataset.json",
+                       f"numTraining is {info.num_training} but {len(info.training)} training "
+                       f"case(s) were found {where}")
+        labels_folder = (self.root / "labelsTr").is_dir() or info.convention == "msd"
+        for case in info.training:
+            self.check_case(case, labelled=labels_folder)
+        for case in info.test:
+            self.check_case(case, labelled=False)
+        self.summarise()
+
+    def check_folders(self) -> None:
+        """Missing folders and files the layout does not pick up."""
+        info = self.info
+        if not (self.root / "imagesTr").is_dir():
+            self.error(self.root / "imagesTr", "folder missing")
+        if info.convention == "nnunet" and not (self.root / "labelsTr").is_dir():
+            self.error(self.root / "labelsTr", "folder missing")
+        used = {p for c in info.training + info.test for p in c.images}
+        used |= {c.label for c in info.training if c.label is not None}
+        for folder in ("imagesTr", "imagesTs", "labelsTr"):
+            for file in _files(self.root / folder):
+                if file not in used:
+                    self.check_stray(file, folder)
+
+    def check_stray(self, file: Path, folder: str) -> None:
+        """A file in a layout folder that belongs to no case."""
+        ending = self.info.file_ending
+        parts = split_file_ending(file.name, (ending,))
+        if self.info.convention == "msd" or folder == "labelsTr":
+            what = "training list" if self.info.convention == "msd" else "images in imagesTr"
+            self.warn(file, f"not part of any case (no matching {what}); ignored")
+        elif parts is None:
+            self.warn(file, f"ignored: does not end with {ending}")
+        elif (match := CHANNEL_SUFFIX.match(parts[0])) is None:
+            self.error(file, f"not named CASE_XXXX{ending} (the channel suffix _0000 is "
+                             "missing), so it is not part of any case")
+        else:
+            self.error(file, f"channel {int(match['channel'])} but dataset.json declares "
+                             f"{self.n_channels} channel(s)")
+
+    def check_case(self, case: Case, labelled: bool) -> None:
+        """Read every file of a case once and cross-check them."""
+        volumes: list[_Volume] = []
+        for index, path in enumerate(case.images):
+            what = f"channel {index} of case {case.case_id}" if len(case.images) > 1 else "image"
+            volume = self.read(path, what)
+            if volume is not None:
+                volumes.append(volume)
+        reference = volumes[0] if volumes else None
+        spatial_shape = None
+        if reference is not None:
+            spatial_shape = self.check_channels(case, volumes)
+            if reference.geometry_ok and spatial_shape is not None:
+                self.orientations["".join(nib.aff2axcodes(reference.affine))] += 1
+                self.spacings.append(reference.zooms[: len(spatial_shape)])
+        if case.label is None or not labelled:
+            return
+        label = self.read(case.label, "label file")
+        if label is None:
+            return
+        self.check_label_values(label)
+        if reference is not None and spatial_shape is not None:
+            self.compare(label, reference, spatial_shape, "its image")
+
+    def read(self, path: Path, what: str) -> _Volume | None:
+        """Decode a file fully; report it when missing, unreadable, non-finite or bad spacing."""
+        if not path.is_file():
+            self.error(path, f"missing {what}")
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image = nib.load(str(path))
+                data = np.asanyarray(image.dataobj)
+                affine = np.asarray(image.affine, dtype=float)
+                zooms = tuple(float(z) for z in image.header.get_zooms())
+        except Exception as error:  # nibabel raises many kinds: ImageFileError, EOFError, ...
+            reason = str(error) or type(error).__name__
+            self.error(path, f"cannot be read (truncated or corrupt: {reason})")
+            return None
+        if np.issubdtype(data.dtype, np.inexact):
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if bad:
+                self.error(path, f"{bad} voxel(s) are NaN or infinite")
+        spatial = zooms[: min(data.ndim, 3)]
+        geometry_ok = False
+        if any(not z > 0 for z in spatial):
+            self.error(path, f"spacing {spatial} is not positive")
+        elif not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            self.error(path, "affine is not finite or not invertible")
+        else:
+            geometry_ok = True
+        return _Volume(path, data, affine, zooms, geometry_ok)
+
+    def check_channels(self, case: Case, volumes: list[_Volume]) -> tuple[int, ...] | None:
+        """Channel count and agreement between channel files; returns the spatial shape."""
+        reference = volumes[0]
+        shape = reference.data.shape
+        if self.info.convention == "msd":
+            if self.n_channels > 1:
+                if len(shape) < 3 or shape[-1] != self.n_channels:
+                    self.error(reference.path,
+                               f"shape {shape}: expected {self.n_channels} channels on the last "
+                               f"axis (dataset.json declares {self.n_channels} modalities)")
+                    return None
+                return shape[:-1]
+            return shape[:-1] if len(shape) == 4 and shape[-1] == 1 else shape
+        if len(shape) not in (2, 3):
+            self.error(reference.path, f"shape {shape}: expected a 2D or 3D image per channel")
+            return None
+        for other in volumes[1:]:
+            self.compare(other, reference, shape, _name(self.root, reference.path))
+        return shape
+
+    def compare(self, volume: _Volume, reference: _Volume, spatial_shape: tuple[int, ...],
+                what: str) -> None:
+        """Shape, spacing and affine of ``volume`` against ``reference`` (one error at most)."""
+        shape = volume.data.shape
+        n = len(spatial_shape)
+        if shape != spatial_shape:
+            self.error(volume.path, f"shape {shape} differs from {what} {spatial_shape}")
+        elif not (volume.geometry_ok and reference.geometry_ok):
+            return
+        elif not np.allclose(volume.zooms[:n], reference.zooms[:n], rtol=SPACING_RTOL):
+            self.error(volume.path, f"spacing {volume.zooms[:n]} differs from {what} "
+                                    f"{reference.zooms[:n]}")
+        elif not np.allclose(volume.affine, reference.affine, atol=AFFINE_ATOL):
+            self.error(volume.path, f"affine differs from {what}")
+
+    def check_label_values(self, label: _Volume) -> None:
+        """Label values must be integers declared in dataset.json."""
+        values = np.unique(label.data)
+        if np.issubdtype(values.dtype, np.inexact):
+            values = values[np.isfinite(values)]
+            fractional = values[values != np.round(values)]
+            if fractional.size:
+                voxels = np.count_nonzero(np.isin(label.data, fractional))
+                shown = ", ".join(f"{v:g}" for v in fractional[:5])
+                self.error(label.path, f"{voxels} voxel(s) have non-integer label values, e.g. "
+                                       f"{shown}")
+                return
+        integers = [int(v) for v in values]
+        declared = set(self.info.labels.values())
+        unexpected = [v for v in integers if v not in declared]
+        if unexpected:
+            self.error(label.path, f"value(s) {', '.join(map(str, unexpected))} are not in "
+                                   f"dataset.json labels ({', '.join(map(str, sorted(declared)))})")
+        self.labels_read += 1
+        self.label_presence.update(v for v in integers if v in declared)
+
+    def summarise(self) -> None:
+        """Orientation, spacing and label-coverage notes."""
+        if self.orientations:
+            listing = ", ".join(f"{code} ({n} case(s))" for code, n in self.orientations.items())
+            self.report.info.append(f"orientations: {listing}")
+            if len(self.orientations) > 1:
+                self.report.warnings.append(
+                    f"cases have different orientations ({listing}); this is fine, "
+                    "preprocessing reorients them")
+        if self.spacings:
+            lengths = {len(s) for s in self.spacings}
+            if len(lengths) == 1:
+                spacings = np.array(self.spacings)
+                median = ", ".join(f"{v:.3g}" for v in np.median(spacings, axis=0))
+                self.report.info.append(f"median spacing: ({median})")
+        if self.labels_read:
+            for value in self.info.foreground_labels:
+                if not self.label_presence[value]:
+                    self.report.warnings.append(
+                        f"labelsTr: label {value} ({self.info.label_names[value]}) appears in no "
+                        "training case")
+
+
+def _files(folder: Path) -> Iterable[Path]:
+    """The visible files of a folder, sorted (none when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))

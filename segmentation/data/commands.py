@@ -1,0 +1,102 @@
+"""The ``segmentation data`` subcommands: ``synth`` (write the synthetic dataset), ``check``."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from segmentation.data.check import check_dataset, format_report
+from segmentation.data.splits import SPLITS_JSON
+from segmentation.data.synth import DEFAULT_SHAPE, generate_dataset
+
+# What `synth --force` removes from an existing folder before writing: the dataset layout only.
+SYNTH_OWNED = ("dataset.json", SPLITS_JSON, "imagesTr", "labelsTr", "imagesTs", "labelsTs")
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``data synth`` and ``data check``; each sets ``func`` returning an exit code."""
+    data = subparsers.add_parser("data", help="create or check datasets",
+                                 description="Create or check datasets in the nnU-Net/MSD layout.")
+    data.set_defaults(func=lambda _args: _print_help(data))
+    commands = data.add_subparsers(title="data commands", metavar="COMMAND")
+
+    synth = commands.add_parser(
+        "synth", help="write the synthetic MRI-like dataset",
+        description="Write the synthetic dataset (nnU-Net v2 layout) used by the demo and tests.")
+    synth.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    synth.add_argument("--cases", type=int, default=12, help="training cases (default 12)")
+    synth.add_argument("--test-cases", type=int, default=2,
+                       help="extra cases in imagesTs, labels in labelsTs (default 2)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--shape", type=int, nargs="+", default=None,
+                       help="voxels per axis (default 64 64 40 in 3D, 128 128 in 2D)")
+    synth.add_argument("--dims", type=int, choices=(2, 3), default=3, help="2D or 3D images")
+    synth.add_argument("--force", action="store_true",
+                       help="replace the dataset in a non-empty folder")
+    synth.set_defaults(func=run_synth)
+
+    check = commands.add_parser(
+        "check", help="check a dataset folder's integrity",
+        description="Check a dataset folder: dataset.json, every file readable, labels matching "
+                    "their images. Exit code 1 when there are errors.")
+    check.add_argument("dataset", type=Path, help="dataset folder")
+    check.set_defaults(func=run_check)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """``data synth``: refuse a non-empty folder unless --force, then generate."""
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        print(f"error: {out} exists and is not a folder")
+        return 1
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            print(f"error: {out} is not empty; use --force to replace the dataset in it")
+            return 1
+        for name in SYNTH_OWNED:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    try:
+        info = generate_dataset(out, cases=args.cases, seed=args.seed, shape=args.shape,
+                                dims=args.dims, test_cases=args.test_cases)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 1
+    shape = "×".join(str(s) for s in (args.shape or DEFAULT_SHAPE[args.dims]))
+    print(f"wrote {len(info.training)} training case(s) (imagesTr, labelsTr) and "
+          f"{len(info.test)} test case(s) (imagesTs, labelsTs) of {shape} voxels to {out}")
+    print(f"labels: {', '.join(f'{v}={n}' for v, n in info.label_names.items())}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``data check``: print the report; 1 when there are errors."""
+    try:
+        report = check_dataset(args.dataset)
+    except Exception as error:  # never a traceback for a broken dataset
+        print(f"error: {args.dataset}: the check failed unexpectedly "
+              f"({type(error).__name__}: {error})")
+        return 1
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``data`` subcommands alone, e.g. ``main(["data", "check", "DIR"])``."""
+    parser = argparse.ArgumentParser(prog="segmentation")
+    add_data_commands(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2

@@ -1,0 +1,205 @@
+"""SegmentationDataModule: a dataset folder → checked, split, preprocessed, patched batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from torch import nn
+from torch.utils.data import Dataset as TorchDataset
+
+from segmentation.data.check import check_dataset, format_report
+from segmentation.data.layout import Case, DatasetInfo, read_dataset
+from segmentation.data.patches import patch_transforms
+from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
+from segmentation.data.slices import RandomSlices
+from segmentation.data.splits import fold_cases, load_or_create_splits
+
+CACHES = ("memory", "disk", "none")
+
+
+def case_item(case: Case) -> dict[str, Any]:
+    """The dict a MONAI transform chain starts from: file names and the case id."""
+    images = [str(p) for p in case.images]
+    item: dict[str, Any] = {"image": images if len(images) > 1 else images[0],
+                            "case_id": case.case_id}
+    if case.label is not None:
+        item["label"] = str(case.label)
+    return item
+
+
+class RandomPatches(TorchDataset):
+    """``length`` random training patches; item ``i`` is cut from volume ``i mod n``.
+
+    The sampler's shuffling spreads cases evenly over an epoch (nnU-Net draws 250 batches per
+    epoch the same way), and a DistributedSampler splits the items between DDP ranks.
+    """
+
+    def __init__(self, volumes: TorchDataset, transform: Any, length: int) -> None:
+        self.volumes, self.transform, self.length = volumes, transform, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return {"image": (C, *input_size), "label": (1, *output_size)}."""
+        volume = self.volumes[index % len(self.volumes)]
+        return self.transform({"image": volume["image"], "label": volume["label"]})
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Dataset in the MSD / nnU-Net layout → training patches, validation volumes, predictions.
+
+    Args:
+        root: dataset folder (dataset.json, imagesTr/, labelsTr/, optional imagesTs/).
+        fold: which fold of the k-fold split validates.
+        n_folds: folds of the split (written once to ``root/splits.json`` and reused).
+        split_seed: seed of the split.
+        patch_size: requested training patch size (network input). With a network attached,
+            it must be a size the network accepts (its error names the nearest valid ones).
+        batch_size: patches per training batch.
+        patches_per_epoch: training patches per epoch (nnU-Net: 250 batches).
+        num_workers: data loader workers.
+        cache: "memory" (CacheDataset: fastest; every DDP rank holds a copy), "disk"
+            (PersistentDataset: one shared on-disk copy, for DDP and large datasets) or "none".
+        cache_dir: folder for the "disk" cache; its sub-folder is keyed by a hash of the
+            preprocessing, so changing spacing or normalisation never reads a stale cache.
+        spacing: "median" (of the training cases), explicit spacing, or null (keep).
+        normalization: "ct", "zscore", "minmax" or "none".
+        orientation: axis codes scans are reoriented to.
+        crop_foreground: crop scans to their non-zero bounding box.
+        foreground_fraction: share of patches forced to show foreground.
+        augment: random augmentation of training patches.
+        slice_axis: 2D slice mode: train a 2D network on slices along this axis of 3D volumes.
+        check: run the integrity check before anything else (stops on errors).
+        preprocessing: fitted preprocessing to reuse (from a checkpoint) instead of fitting.
+        network: the network being trained; only its shape arithmetic is read (linked by the CLI
+            from the model). Without one, label patches have the image patch size.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        fold: int = 0,
+        n_folds: int = 5,
+        split_seed: int = 0,
+        patch_size: Sequence[int] = (64, 64, 64),
+        batch_size: int = 2,
+        patches_per_epoch: int = 500,
+        num_workers: int = 2,
+        cache: str = "memory",
+        cache_dir: str = ".cache/segmentation",
+        spacing: Sequence[float] | str | None = "median",
+        normalization: str = "zscore",
+        orientation: str = "RAS",
+        crop_foreground: bool = False,
+        foreground_fraction: float = 1 / 3,
+        augment: bool = True,
+        slice_axis: int | None = None,
+        check: bool = True,
+        preprocessing: dict[str, Any] | None = None,
+        network: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if cache not in CACHES:
+            raise ValueError(f"cache={cache!r} is not supported; choose one of {', '.join(CACHES)}")
+        self.root = Path(root)
+        self.fold, self.n_folds, self.split_seed = fold, n_folds, split_seed
+        self.batch_size, self.patches_per_epoch = batch_size, patches_per_epoch
+        self.num_workers, self.cache, self.cache_dir = num_workers, cache, Path(cache_dir)
+        self.spacing, self.normalization, self.orientation = spacing, normalization, orientation
+        self.crop_foreground, self.foreground_fraction = crop_foreground, foreground_fraction
+        self.augment, self.slice_axis, self.check = augment, slice_axis, check
+        self.preprocessing = Preprocessing.from_dict(preprocessing) if preprocessing else None
+        self.input_size = tuple(int(s) for s in patch_size)
+        self.output_size = self.input_size
+        if network is not None and hasattr(network, "output_shape"):
+            self.output_size = tuple(network.output_shape(self.input_size))
+        self.info: DatasetInfo | None = None
+        self.train_cases: list[Case] = []
+        self.val_cases: list[Case] = []
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        """Check the dataset and write its split (once, on one process)."""
+        if self.check:
+            report = check_dataset(self.root)
+            if not report.ok:
+                raise ValueError(f"dataset {self.root} failed its integrity check:\n"
+                                 f"{format_report(report)}")
+        info = read_dataset(self.root)
+        load_or_create_splits(self.root, [c.case_id for c in info.training], self.n_folds,
+                              self.split_seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the split, fit the preprocessing to the training cases, build the datasets."""
+        if self.info is not None:
+            return
+        self.info = read_dataset(self.root)
+        by_id = {c.case_id: c for c in self.info.training}
+        splits = load_or_create_splits(self.root, list(by_id), self.n_folds, self.split_seed)
+        train_ids, val_ids = fold_cases(splits, self.fold)
+        self.train_cases = [by_id[i] for i in train_ids]
+        self.val_cases = [by_id[i] for i in val_ids]
+        volume_dims = 3 if self.slice_axis is not None else len(self.input_size)
+        if self.preprocessing is None:
+            self.preprocessing = fit_preprocessing(
+                self.train_cases, spatial_dims=volume_dims, normalization=self.normalization,
+                spacing=self.spacing, orientation=self.orientation,
+                crop_foreground=self.crop_foreground)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Label value → name, background included (after :meth:`setup`)."""
+        if self.info is None:
+            self.setup()
+        return dict(self.info.label_names)
+
+    def volumes(self, cases: Sequence[Case]) -> TorchDataset:
+        """Preprocessed whole volumes of ``cases``, cached as configured."""
+        items = [case_item(c) for c in cases]
+        transform = self.preprocessing.transforms(("image", "label"))
+        if self.cache == "memory":
+            return CacheDataset(items, transform, num_workers=self.num_workers or None,
+                                progress=False)
+        if self.cache == "disk":
+            return PersistentDataset(items, transform, cache_dir=self.cache_key_dir())
+        return Dataset(items, transform)
+
+    def cache_key_dir(self) -> Path:
+        """Disk-cache folder keyed by the dataset and a hash of the preprocessing."""
+        settings = json.dumps(self.preprocessing.as_dict(), sort_keys=True)
+        key = hashlib.sha256(f"{self.root.resolve()}|{settings}".encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.root.name}-{key}"
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        """Batches {"image": (B, C, *input_size), "label": (B, 1, *output_size)}."""
+        volumes = self.volumes(self.train_cases)
+        if self.slice_axis is not None:
+            patches: TorchDataset = RandomSlices(
+                volumes, self.slice_axis, self.input_size, self.output_size,
+                self.patches_per_epoch, foreground_fraction=self.foreground_fraction,
+                augment=self.augment, seed=self.split_seed)
+        else:
+            transform = patch_transforms(len(self.input_size), self.input_size, self.output_size,
+                                         foreground_fraction=self.foreground_fraction,
+                                         augment=self.augment)
+            patches = RandomPatches(volumes, transform, self.patches_per_epoch)
+        return DataLoader(patches, batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, drop_last=False,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        """Whole preprocessed volumes, one per batch: image (1, C, *S), label (1, 1, *S)."""
+        return DataLoader(self.volumes(self.val_cases), batch_size=1,
+                          num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation fold's volumes (held out from training), as for validation."""
+        return self.val_dataloader()

@@ -1,0 +1,149 @@
+"""Training patches: foreground-oversampled crops with the network's input and output shapes.
+
+MONAI's RandCropByPosNegLabeld fails on all-background labels and cannot pair an image window
+with a smaller, center-aligned label window (what a "valid"-padding U-Net predicts), so the crop
+is written here; everything after it (spatial and intensity augmentation) is MONAI's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    Randomizable,
+    RandScaleIntensityd,
+)
+
+
+class ForegroundOversampledCropd(Randomizable, MapTransform):
+    """Crop an image window and its label so that a fraction of patches shows foreground.
+
+    The image and label are reflect-padded by the network's margin (half the difference between
+    input and output size) so every voxel of the scan can fall inside the label window, exactly
+    as overlap-tile inference mirror-pads a scan. With probability ``foreground_fraction`` the
+    window is placed so that a random foreground voxel lies inside the label window; otherwise
+    it is placed uniformly at random. Labels without foreground fall back to uniform windows.
+
+    Args:
+        image_key: key of the (C, *S) image.
+        label_key: key of the (1, *S) label.
+        input_size: spatial size of the image window (the network's input).
+        output_size: spatial size of the label window (the network's output), centered in the
+            image window. The label is returned at ``input_size``; crop it afterwards
+            (:func:`patch_transforms` does, after spatial augmentation).
+        foreground_fraction: probability of a forced-foreground window (nnU-Net: 1/3).
+    """
+
+    def __init__(self, image_key: str, label_key: str, input_size: Sequence[int],
+                 output_size: Sequence[int], foreground_fraction: float = 1 / 3) -> None:
+        MapTransform.__init__(self, [image_key, label_key])
+        self.image_key, self.label_key = image_key, label_key
+        self.input_size = tuple(int(s) for s in input_size)
+        self.output_size = tuple(int(s) for s in output_size)
+        if len(self.input_size) != len(self.output_size):
+            raise ValueError(f"input size {self.input_size} and output size {self.output_size} "
+                             "have different dimensions")
+        margins = [i - o for i, o in zip(self.input_size, self.output_size, strict=True)]
+        if any(m < 0 or m % 2 for m in margins):
+            raise ValueError(f"output size {self.output_size} must be ≤ input size "
+                             f"{self.input_size} with an even difference on every axis")
+        self.margin = tuple(m // 2 for m in margins)
+        self.foreground_fraction = foreground_fraction
+        self._force_foreground = False
+
+    def randomize(self, data: Any = None) -> None:
+        """Decide whether this patch is forced to show foreground."""
+        self._force_foreground = self.R.rand() < self.foreground_fraction
+
+    def _pad(self, array: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """Reflect-pad by the margin, then up to the window size; returns the padding before."""
+        pads = [(0, 0)]
+        before = []
+        for n, size, margin in zip(array.shape[1:], self.input_size, self.margin, strict=True):
+            extra = max(size - (n + 2 * margin), 0)
+            pads.append((margin + extra // 2, margin + extra - extra // 2))
+            before.append(margin + extra // 2)
+        return np.pad(array, pads, mode="symmetric"), before
+
+    def _window_start(self, label: np.ndarray, padded_shape: Sequence[int],
+                      before: Sequence[int]) -> list[int]:
+        highest = [n - s for n, s in zip(padded_shape, self.input_size, strict=True)]
+        foreground = np.argwhere(label[0] > 0) if self._force_foreground else np.empty((0,))
+        if len(foreground) == 0:
+            return [int(self.R.randint(0, h + 1)) for h in highest]
+        voxel = foreground[self.R.randint(len(foreground))] + np.asarray(before)
+        start = []
+        for c, h, m, out in zip(voxel, highest, self.margin, self.output_size, strict=True):
+            low, high = max(c - m - out + 1, 0), min(c - m, h)  # c inside the label window
+            start.append(int(self.R.randint(low, high + 1)))
+        return start
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return the data with ``image`` and ``label`` cropped to ``input_size``."""
+        d = dict(data)
+        self.randomize()
+        image = np.asarray(d[self.image_key], dtype=np.float32)
+        label = np.asarray(d[self.label_key])
+        image, before = self._pad(image)
+        label, _ = self._pad(label)
+        start = self._window_start(np.asarray(d[self.label_key]), image.shape[1:], before)
+        window = (slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, self.input_size,
+                                                                          strict=True))
+        d[self.image_key] = torch.from_numpy(np.ascontiguousarray(image[window]))
+        d[self.label_key] = torch.from_numpy(np.ascontiguousarray(label[window]))
+        return d
+
+
+def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: Sequence[int], *,
+                     foreground_fraction: float = 1 / 3, augment: bool = True) -> Compose:
+    """Preprocessed volume → training patch pair.
+
+    nnU-Net's augmentation, with MONAI's transforms: rotation and scaling (p 0.2 each), mirroring
+    along every axis, Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15), gamma (p 0.3).
+
+    Args:
+        spatial_dims: 2 or 3.
+        input_size: the network's input patch size.
+        output_size: the network's output size for it (the label patch).
+        foreground_fraction: share of patches forced to show foreground.
+        augment: apply the random augmentation (off gives plain crops).
+
+    Returns:
+        A Compose giving ``image`` (C, *input_size) float32 and ``label`` (1, *output_size)
+        int64 tensors.
+    """
+    keys = ["image", "label"]
+    steps: list[Any] = [ForegroundOversampledCropd("image", "label", input_size, output_size,
+                                                   foreground_fraction)]
+    if augment:
+        rotate = (np.pi / 6,) * (1 if spatial_dims == 2 else 3)
+        steps += [
+            RandAffined(keys, prob=0.2, rotate_range=rotate, mode=("bilinear", "nearest"),
+                        padding_mode="reflection"),
+            RandAffined(keys, prob=0.2, scale_range=(0.3,) * spatial_dims,
+                        mode=("bilinear", "nearest"), padding_mode="reflection"),
+            *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)],
+            RandGaussianNoised("image", prob=0.1, std=0.1),
+            RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
+                                sigma_z=(0.5, 1.0)),
+            RandScaleIntensityd("image", factors=0.25, prob=0.15),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        ]
+    steps += [
+        CenterSpatialCropd("label", roi_size=output_size),
+        EnsureTyped("image", dtype=torch.float32, track_meta=False),
+        EnsureTyped("label", dtype=torch.long, track_meta=False),
+    ]
+    return Compose(steps)

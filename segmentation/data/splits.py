@@ -1,0 +1,143 @@
+"""Deterministic k-fold splits of a dataset's training cases, stored once in ``splits.json``.
+
+The split is written to ``<dataset>/splits.json`` the first time and reused afterwards (even
+when a different seed is asked for), so every fold of every run validates on the same cases.
+It is the only file this package ever writes into a dataset folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segmentation.data.layout import DatasetError
+
+SPLITS_JSON = "splits.json"
+Split = dict[str, list[str]]
+
+
+def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> list[Split]:
+    """Split case ids into ``n_folds`` folds of {"train": [...], "val": [...]}.
+
+    The ids are sorted, shuffled with ``numpy.random.default_rng(seed)`` and cut into
+    ``n_folds`` nearly equal validation sets; each fold trains on the other cases. Lists in the
+    result are sorted.
+
+    Args:
+        case_ids: distinct case ids.
+        n_folds: number of folds, at least 2 and at most the number of cases.
+        seed: shuffling seed.
+
+    Raises:
+        ValueError: for repeated ids, ``n_folds < 2`` or more folds than cases.
+    """
+    ids = sorted(str(i) for i in case_ids)
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"case ids must be distinct; repeated: {', '.join(repeated)}")
+    if n_folds < 2:
+        raise ValueError(f"n_folds={n_folds} is not a split; use n_folds >= 2")
+    if n_folds > len(ids):
+        raise ValueError(f"n_folds={n_folds} is more than the {len(ids)} case(s) to split; "
+                         f"use n_folds <= {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds = []
+    for chunk in np.array_split(order, n_folds):
+        val = {ids[i] for i in chunk}
+        folds.append({"train": sorted(set(ids) - val), "val": sorted(val)})
+    return folds
+
+
+def fold_cases(splits: Sequence[Split], fold: int) -> tuple[list[str], list[str]]:
+    """The (train, val) case ids of fold ``fold``.
+
+    Raises:
+        ValueError: if ``fold`` is not in ``0..len(splits)-1``.
+    """
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < len(splits):
+        raise ValueError(f"fold={fold!r} is out of range: the split has {len(splits)} folds, "
+                         f"numbered 0 to {len(splits) - 1}")
+    return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+def load_or_create_splits(root: str | Path, case_ids: Sequence[str], n_folds: int = 5,
+                          seed: int = 0) -> list[Split]:
+    """Reuse ``root/splits.json``, or make a split and write it there.
+
+    Args:
+        root: the dataset folder.
+        case_ids: the training case ids of the dataset.
+        n_folds: folds of a new split; an existing file must have this many.
+        seed: seed of a new split (an existing file is reused whatever its seed was).
+
+    Raises:
+        DatasetError: naming splits.json if it is malformed, names unknown case ids, misses
+            some of ``case_ids`` or has a different number of folds.
+        ValueError: if a new split cannot be made (see :func:`make_splits`).
+    """
+    path = Path(root) / SPLITS_JSON
+    if path.is_file():
+        splits = _read_splits(path)
+        _validate_splits(path, splits, case_ids, n_folds)
+        return splits
+    splits = make_splits(case_ids, n_folds, seed)
+    _write_atomically(path, json.dumps(splits, indent=2) + "\n")
+    return splits
+
+
+def _read_splits(path: Path) -> list[Split]:
+    """Parse splits.json: a list of {"train": [ids], "val": [ids]}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(path, f"invalid JSON ({error}); delete it to re-split") from error
+    valid = isinstance(data, list) and bool(data) and all(
+        isinstance(fold, dict) and all(
+            isinstance(fold.get(side), list) and all(isinstance(i, str) for i in fold[side])
+            for side in ("train", "val"))
+        for fold in data)
+    if not valid:
+        raise DatasetError(path, "expected a list of {\"train\": [ids], \"val\": [ids]} folds; "
+                                 "delete it to re-split")
+    return [{"train": list(fold["train"]), "val": list(fold["val"])} for fold in data]
+
+
+def _validate_splits(path: Path, splits: list[Split], case_ids: Sequence[str],
+                     n_folds: int) -> None:
+    """Check a stored split against the dataset's cases."""
+    known = set(case_ids)
+    listed = {i for fold in splits for side in ("train", "val") for i in fold[side]}
+    unknown = sorted(listed - known)
+    if unknown:
+        raise DatasetError(path, f"names case(s) that are not in the dataset: "
+                                 f"{', '.join(unknown)}; delete splits.json to re-split")
+    for k, fold in enumerate(splits):
+        both = sorted(set(fold["train"]) & set(fold["val"]))
+        if both:
+            raise DatasetError(path, f"fold {k} has case(s) on both sides: {', '.join(both)}")
+    validated = {i for fold in splits for i in fold["val"]}
+    unsplit = sorted(known - validated)
+    if unsplit:
+        raise DatasetError(path, f"case(s) {', '.join(unsplit)} are in no validation set (the "
+                                 "dataset changed since the split was made); delete "
+                                 "splits.json to re-split")
+    if len(splits) != n_folds:
+        raise DatasetError(path, f"has {len(splits)} folds but n_folds={n_folds} was asked for; "
+                                 f"use n_folds={len(splits)} or delete splits.json to re-split")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,118 @@
+"""Overlap-tile prediction for "valid"-padding networks (Ronneberger et al. 2015, Fig. 2).
+
+MONAI's and nnU-Net's sliding windows assume the output of a window has the window's size; a
+valid-convolution U-Net predicts only the centre of what it reads. So this is ours: mirror-pad
+the scan by the network's margin, tile the *output* grid with tiles of the network's output
+size, read input tiles of its input size, and place every output tile exactly. Tile offsets are
+multiples of 2**depth, where the network is translation-equivariant, so the stitched result
+equals one whole-scan forward pass (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def mirror_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Reflect-pad the spatial axes of ``x``, however large the padding.
+
+    Args:
+        x: (N, C, *S).
+        pads: (before, after) per spatial axis; may exceed S (reflection repeats).
+
+    Returns:
+        (N, C, *(S + before + after)).
+    """
+    for axis, (before, after) in enumerate(pads):
+        dim = 2 + axis
+        while before > 0 or after > 0:
+            size = x.shape[dim]
+            if size == 1:  # nothing to reflect: repeat the single voxel
+                x = torch.cat([x.narrow(dim, 0, 1)] * before + [x] +
+                              [x.narrow(dim, 0, 1)] * after, dim=dim)
+                break
+            b, a = min(before, size - 1), min(after, size - 1)
+            flat = [0, 0] * (x.ndim - 2)
+            position = 2 * (x.ndim - 1 - dim)  # F.pad lists the last axis first
+            flat[position:position + 2] = [b, a]
+            x = F.pad(x, flat, mode="reflect")
+            before, after = before - b, after - a
+    return x
+
+
+def tile_step(output_size: int, depth: int) -> int:
+    """Offset between neighbouring output tiles along one axis.
+
+    The largest multiple of 2**depth that fits in the output tile (tiles then overlap by the
+    rest, and overlapping predictions are identical). Output tiles smaller than 2**depth cannot
+    be placed on that grid without gaps; they step by their own size and the result is exact
+    only up to that shift.
+    """
+    grid = 2 ** depth
+    return output_size // grid * grid if output_size >= grid else output_size
+
+
+def overlap_tile(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    input_size: Sequence[int],
+    output_size: Sequence[int],
+    depth: int,
+    *,
+    batch_size: int = 1,
+    out_device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Logits for a whole scan from a network that shrinks its input.
+
+    Args:
+        net: maps (B, C, *input_size) to (B, K, *output_size).
+        image: (N, C, *S), any S (smaller than one tile too).
+        input_size: the network's (valid) input tile size.
+        output_size: the network's output size for ``input_size``.
+        depth: number of 2× downsamplings in the network.
+        batch_size: tiles per forward pass.
+        out_device: where the stitched logits live (default: the image's device); "cpu" keeps
+            a large scan's logits off the GPU.
+        progress: called with (tiles done, tiles in all) after every batch.
+
+    Returns:
+        (N, K, *S) logits.
+    """
+    spatial = tuple(image.shape[2:])
+    margins = [(i - o) // 2 for i, o in zip(input_size, output_size, strict=True)]
+    steps = [tile_step(o, depth) for o in output_size]
+    counts = [max(math.ceil((s - o) / st), 0) + 1
+              for s, o, st in zip(spatial, output_size, steps, strict=True)]
+    covered = [st * (n - 1) + o for st, n, o in zip(steps, counts, output_size, strict=True)]
+    padded = mirror_pad(image, [(m, m + c - s) for m, c, s in zip(margins, covered, spatial,
+                                                                   strict=True)])
+    offsets = list(itertools.product(*[[k * st for k in range(n)]
+                                       for st, n in zip(steps, counts, strict=True)]))
+    out: torch.Tensor | None = None
+    out_device = image.device if out_device is None else torch.device(out_device)
+    for n in range(image.shape[0]):
+        for first in range(0, len(offsets), batch_size):
+            batch_offsets = offsets[first:first + batch_size]
+            tiles = torch.stack([
+                padded[(n, slice(None)) + tuple(slice(o, o + i) for o, i in
+                                                zip(offset, input_size, strict=True))]
+                for offset in batch_offsets])                     # (B, C, *input_size)
+            logits = net(tiles)                                   # (B, K, *output_size)
+            if out is None:
+                out = torch.empty((image.shape[0], logits.shape[1], *covered),
+                                  dtype=logits.dtype, device=out_device)
+            for offset, tile in zip(batch_offsets, logits, strict=True):
+                region = (n, slice(None)) + tuple(slice(o, o + s) for o, s in
+                                                  zip(offset, output_size, strict=True))
+                out[region] = tile.to(out_device)
+            if progress is not None:
+                progress(n * len(offsets) + first + len(batch_offsets),
+                         image.shape[0] * len(offsets))
+    assert out is not None
+    return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]

@@ -1,0 +1,118 @@
+"""``segmentation fit|validate|test|predict``: LightningCLI with the network linked to the data.
+
+The network's shape arithmetic reaches the data module through argument links (the label patch
+is the network's ``output_shape`` of the image patch), the data module's patch size and slice
+axis reach the model the same way, and every run gets its own versioned folder under
+``runs/<name>/`` holding config.yaml, TensorBoard and CSV logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.training.module import SegmentationModule
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def namespace_to_dict(value: Any) -> Any:
+    """A parsed jsonargparse value (Namespace) as plain data for hyperparameters."""
+    if isinstance(value, Namespace):
+        return {k: namespace_to_dict(v) for k, v in vars(value).items()}
+    if isinstance(value, list | tuple):
+        return [namespace_to_dict(v) for v in value]
+    return value
+
+
+def next_version(run_dir: Path) -> str:
+    """``version_N`` with N one above the highest existing version folder."""
+    numbers = [int(p.name.split("_")[1]) for p in run_dir.glob("version_*")
+               if p.name.split("_")[1].isdigit()]
+    return f"version_{max(numbers, default=-1) + 1}"
+
+
+def newest_last_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written ``last.ckpt`` of any version of a run."""
+    candidates = sorted(run_dir.glob("version_*/checkpoints/last*.ckpt"),
+                        key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+# The CSV logger shares the run folder with TensorBoard and config.yaml by design.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
+class SegmentationCLI(LightningCLI):
+    """LightningCLI for SegmentationModule + SegmentationDataModule."""
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            SegmentationModule, SegmentationDataModule, args=args,
+            save_config_kwargs={"overwrite": False}, seed_everything_default=0, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Run naming and the links between network, data and model."""
+        parser.add_argument("--name", type=str, default="run",
+                            help="run name: runs go to <runs_dir>/<name>/version_N")
+        parser.add_argument("--runs_dir", type=str, default="runs")
+        parser.add_argument("--deterministic", type=bool, default=False,
+                            help="deterministic algorithms (slower)")
+        parser.link_arguments("data.patch_size", "model.patch_size")
+        parser.link_arguments("data.slice_axis", "model.slice_axis")
+        parser.link_arguments("model.net", "model.net_config", compute_fn=namespace_to_dict)
+        parser.link_arguments("model.net", "data.network", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Determinism and the run folder's loggers."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.deterministic:
+            config.trainer.deterministic = True
+        if config.trainer.logger in (None, True):
+            run_dir = Path(config.runs_dir) / config.name
+            version = next_version(run_dir)
+            config.trainer.logger = [
+                Namespace(class_path="pytorch_lightning.loggers.TensorBoardLogger",
+                          init_args=Namespace(save_dir=config.runs_dir, name=config.name,
+                                              version=version, default_hp_metric=False)),
+                Namespace(class_path="pytorch_lightning.loggers.CSVLogger",
+                          init_args=Namespace(save_dir=config.runs_dir, name=config.name,
+                                              version=version)),
+            ]
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Add checkpoints (best by val/dice, and last), a rich progress bar, lr logging."""
+        extra = [
+            ModelCheckpoint(monitor="val/dice", mode="max", save_last=True,
+                            filename="best-{epoch:03d}", auto_insert_metric_name=False),
+            RichProgressBar(),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        given = kwargs.pop("callbacks", None) or []
+        kinds = {type(c) for c in given}
+        return super().instantiate_trainer(
+            callbacks=given + [c for c in extra if type(c) not in kinds], **kwargs)
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest last.ckpt of this run name."""
+        init = self.config_init[self.subcommand]
+        if init.get("ckpt_path") == "last":
+            config = self.config[self.subcommand]
+            found = newest_last_checkpoint(Path(config.runs_dir) / config.name)
+            if found is None:
+                raise ValueError(f"--ckpt_path last: no last.ckpt under "
+                                 f"{Path(config.runs_dir) / config.name}/version_*/checkpoints")
+            init["ckpt_path"] = str(found)
+
+
+def run_lightning(args: Sequence[str]) -> int:
+    """Run a LightningCLI subcommand; returns the exit code."""
+    SegmentationCLI(args=list(args))
+    return 0

@@ -1,0 +1,230 @@
+"""SegmentationModule: trains any segmentation network, validates on whole scans."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from segmentation.inference.predictor import Predictor
+from segmentation.training.losses import SegmentationLoss
+from segmentation.training.metrics import case_metrics, gather_cases, mean_per_class
+
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class SegmentationModule(pl.LightningModule):
+    """Wraps a network (any ``nn.Module`` mapping (B, C, *S) to (B, K, *S')) for training.
+
+    Args:
+        net: the network; configs name it with class_path/init_args.
+        loss: loss on logits and labels (default: Dice + cross-entropy); deep-supervision
+            outputs are weighted 1, ½, ¼, … around it.
+        optimizer: optimizer factory (default: SGD, Nesterov momentum 0.99, lr 1e-2, weight
+            decay 3e-5, as nnU-Net).
+        lr_scheduler: scheduler factory (default: poly decay ``(1 − step/total)^0.9`` per step).
+        patch_size: training patch size; validation windows have this size (linked from the
+            data module by the CLI).
+        slice_axis: for a 2D network trained on slices of 3D scans, the slice axis (linked).
+        overlap: sliding-window overlap for "same" networks.
+        sw_batch_size: windows per forward pass in validation.
+        mirror_tta: mirror test-time augmentation in validation and test.
+        compile: run the network through ``torch.compile``.
+        nonfinite_loss: "stop" (raise, naming the step) or "skip" (skip the batch, warn).
+        test_hd95: compute HD95 in ``test``.
+        net_config: class_path/init_args of ``net`` (filled in by the CLI; our UNet records its
+            own), stored so a checkpoint alone rebuilds the network.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        patch_size: Sequence[int] | None = None,
+        slice_axis: int | None = None,
+        overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        mirror_tta: bool = False,
+        compile: bool = False,
+        nonfinite_loss: str = "stop",
+        test_hd95: bool = True,
+        net_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if nonfinite_loss not in NONFINITE:
+            raise ValueError(f"nonfinite_loss={nonfinite_loss!r}; choose one of "
+                             f"{', '.join(NONFINITE)}")
+        self.net = net
+        self.loss_fn = SegmentationLoss(loss)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.net_config = net_config or getattr(net, "config", None)
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
+        self.hparams["net_config"] = self.net_config
+        self._forward = torch.compile(net) if compile else net
+        # Filled from the data module at fit/validate/test time, or from a checkpoint.
+        self.preprocessing: dict[str, Any] | None = None
+        self.label_names: dict[int, str] = {}
+        self._val_rows: list[dict] = []
+        self._test_rows: list[dict] = []
+
+    # ------------------------------------------------------------------ plumbing
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(B, C, *S) → (B, K, *S') logits (a list with deep supervision while training)."""
+        return self._forward(x)
+
+    def setup(self, stage: str) -> None:
+        """Take label names and the fitted preprocessing from the data module."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and getattr(datamodule, "preprocessing", None) is None:
+            datamodule.setup(stage)
+        if datamodule is not None:
+            self.preprocessing = datamodule.preprocessing.as_dict()
+            self.label_names = dict(datamodule.label_names)
+            self.hparams["output_patch_size"] = list(datamodule.output_size)
+            self._check_matches_dataset(datamodule)
+
+    def _check_matches_dataset(self, datamodule: Any) -> None:
+        """The network's input and output channels must fit the dataset's channels and labels."""
+        info = datamodule.info
+        expected = {"in_channels": len(info.channel_names), "out_channels": len(info.labels)}
+        for name, want in expected.items():
+            have = getattr(self.net, name, None)
+            if have is not None and have != want:
+                raise ValueError(f"the network has {name}={have} but dataset {info.root} has "
+                                 f"{want} ({'channels' if name == 'in_channels' else 'labels'}); "
+                                 f"set model.net.init_args.{name}: {want}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint describe itself: network, preprocessing, labels, patch shapes."""
+        checkpoint["segmentation"] = {
+            "net": self.net_config,
+            "preprocessing": self.preprocessing,
+            "label_names": {int(k): v for k, v in self.label_names.items()},
+            "patch_size": list(self.hparams.patch_size) if self.hparams.patch_size else None,
+            "slice_axis": self.hparams.slice_axis,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` stored."""
+        meta = checkpoint.get("segmentation", {})
+        self.preprocessing = meta.get("preprocessing")
+        self.label_names = {int(k): v for k, v in (meta.get("label_names") or {}).items()}
+
+    @property
+    def foreground_names(self) -> list[str]:
+        """Names of the foreground classes, in channel order."""
+        classes = getattr(self.net, "out_channels", None) or len(self.label_names)
+        return [self.label_names.get(k, f"class_{k}") for k in range(1, classes)]
+
+    def predictor(self) -> Predictor:
+        """The whole-scan predictor shared with ``segmentation infer``."""
+        if self.hparams.patch_size is None:
+            raise ValueError("patch_size is not set; the CLI links it from data.patch_size")
+        return Predictor(self.net, self.hparams.patch_size, overlap=self.hparams.overlap,
+                         batch_size=self.hparams.sw_batch_size, mirror=self.hparams.mirror_tta,
+                         slice_axis=self.hparams.slice_axis)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """One step on a batch of patches: image (B, C, *in), label (B, 1, *out)."""
+        outputs = self(batch["image"])
+        loss = self.loss_fn(outputs, batch["label"])
+        if not torch.isfinite(loss):
+            where = (f"non-finite loss ({loss.item()}) at global step {self.global_step} "
+                     f"(epoch {self.current_epoch}, batch {batch_idx})")
+            if self.hparams.nonfinite_loss == "stop":
+                raise NonFiniteLossError(f"{where}; training stopped. Lower the learning rate, "
+                                         "check the data, or set nonfinite_loss: skip")
+            warnings.warn(f"{where}; batch skipped", RuntimeWarning, stacklevel=1)
+            return None
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(self.parameters())
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.99, nesterov=True,
+                                        weight_decay=3e-5)
+        if self.scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        poly = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(1 - step / total, 0.0) ** 0.9)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": poly, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: dict[str, Any], hd95: bool) -> tuple[torch.Tensor, list[dict]]:
+        image, label = batch["image"], batch["label"]
+        logits = self.predictor()(torch.as_tensor(image))           # (B, K, *S)
+        label = torch.as_tensor(label).long()
+        loss = self.loss_fn.loss(logits, label)
+        spacing = (self.preprocessing or {}).get("spacing")
+        metrics = case_metrics(logits, label, hd95=hd95, spacing=spacing)
+        ids = batch.get("case_id") or [f"case_{i}" for i in range(image.shape[0])]
+        rows = [{"case_id": case_id, **{k: v[i].tolist() for k, v in metrics.items()}}
+                for i, case_id in enumerate(ids)]
+        return loss, rows
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Whole-scan validation: sliding window or overlap-tile, then loss and Dice."""
+        loss, rows = self._evaluate(batch, hd95=False)
+        self._val_rows += rows
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(rows))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log mean foreground Dice and Dice per class, over unique cases."""
+        rows, self._val_rows = gather_cases(self._val_rows), []
+        per_class = mean_per_class(rows, "dice", self.foreground_names)
+        for name, value in per_class.items():
+            self.log(f"val/dice_{name}", value)
+        if per_class:
+            mean = [v for v in per_class.values() if not math.isnan(v)]
+            self.log("val/dice", sum(mean) / len(mean) if mean else float("nan"), prog_bar=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Per-case Dice and HD95 of the held-out cases."""
+        _, rows = self._evaluate(batch, hd95=self.hparams.test_hd95)
+        self._test_rows += rows
+
+    def on_test_epoch_end(self) -> None:
+        """Write per-case, per-class metrics to ``test_metrics.csv`` and log their means."""
+        rows, self._test_rows = gather_cases(self._test_rows), []
+        names = self.foreground_names
+        keys = ["dice"] + (["hd95"] if self.hparams.test_hd95 else [])
+        for key in keys:
+            means = mean_per_class(rows, key, names)
+            for name, value in means.items():
+                self.log(f"test/{key}_{name}", value)
+            finite = [v for v in means.values() if not math.isnan(v)]
+            if finite:
+                self.log(f"test/{key}", sum(finite) / len(finite))
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            self.write_metrics_csv(Path(self.trainer.log_dir) / "test_metrics.csv", rows, keys)
+
+    def write_metrics_csv(self, path: Path, rows: list[dict], keys: list[str]) -> None:
+        """One line per case and class: case_id, class, dice[, hd95]."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["case_id", "class", *keys])
+            for row in rows:
+                for c, name in enumerate(self.foreground_names):
+                    writer.writerow([row["case_id"], name, *[row[k][c] for k in keys]])
