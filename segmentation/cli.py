@@ -35,11 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from segmentation.training.cli import run_lightning
 
-        return run_lightning(argv)
+        return run_lightning(None if from_command_line else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

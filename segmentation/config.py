@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser
 from torch import nn
+
+
+def build_network(spec: dict[str, Any]) -> nn.Module:
+    """Instantiate a network from ``{"class_path": ..., "init_args": {...}}``."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"expected a network as class_path/init_args, got {spec!r}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=nn.Module)
+    parsed = parser.parse_object({"net": spec})
+    return parser.instantiate_classes(parsed).net
 
 
 def load_network(config: str | Path) -> nn.Module:
@@ -14,7 +25,7 @@ def load_network(config: str | Path) -> nn.Module:
 
     Args:
         config: a file holding ``class_path``/``init_args`` for an ``nn.Module`` (as in
-            ``configs/model/``), or a training config whose ``model.init_args.net`` holds one.
+            ``configs/model/``), or a training config whose ``model.net`` holds one.
 
     Returns:
         The network, with freshly initialised weights.
@@ -25,11 +36,11 @@ def load_network(config: str | Path) -> nn.Module:
     path = Path(config)
     spec = yaml.safe_load(path.read_text())
     if isinstance(spec, dict) and "class_path" not in spec:
-        spec = (spec.get("model") or {}).get("init_args", {}).get("net")
+        model = spec.get("model") or {}
+        spec = model.get("net") or (model.get("init_args") or {}).get("net")
+    if isinstance(spec, str):  # a training config naming a network file
+        return load_network(path.parent / spec if not Path(spec).is_absolute() else spec)
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"{path}: no network found; expected class_path/init_args at the top "
-                         "or under model.init_args.net")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--net", type=nn.Module)
-    parsed = parser.parse_object({"net": spec})
-    return parser.instantiate_classes(parsed).net
+                         "or under model.net")
+    return build_network(spec)

@@ -13,8 +13,8 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
-from segmentation.data.check import check_dataset, format_report
-from segmentation.data.layout import Case, DatasetInfo, read_dataset
+from segmentation.data.check import check_dataset
+from segmentation.data.layout import Case, DatasetInfo, find_case_files, read_dataset
 from segmentation.data.patches import patch_transforms
 from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
 from segmentation.data.slices import RandomSlices
@@ -78,6 +78,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         slice_axis: 2D slice mode: train a 2D network on slices along this axis of 3D volumes.
         check: run the integrity check before anything else (stops on errors).
         preprocessing: fitted preprocessing to reuse (from a checkpoint) instead of fitting.
+        predict_files: files or folders to run ``predict`` on (default: the dataset's imagesTs).
         network: the network being trained; only its shape arithmetic is read (linked by the CLI
             from the model). Without one, label patches have the image patch size.
     """
@@ -103,6 +104,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         slice_axis: int | None = None,
         check: bool = True,
         preprocessing: dict[str, Any] | None = None,
+        predict_files: list[str] | None = None,
         network: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -116,6 +118,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.crop_foreground, self.foreground_fraction = crop_foreground, foreground_fraction
         self.augment, self.slice_axis, self.check = augment, slice_axis, check
         self.preprocessing = Preprocessing.from_dict(preprocessing) if preprocessing else None
+        self.predict_files = predict_files
         self.input_size = tuple(int(s) for s in patch_size)
         self.output_size = self.input_size
         if network is not None and hasattr(network, "output_shape"):
@@ -130,8 +133,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.check:
             report = check_dataset(self.root)
             if not report.ok:
-                raise ValueError(f"dataset {self.root} failed its integrity check:\n"
-                                 f"{format_report(report)}")
+                problems = "\n".join(f"  {error}" for error in report.errors)
+                raise ValueError(f"dataset {self.root} failed its integrity check "
+                                 f"(segmentation data check {self.root}):\n{problems}")
         info = read_dataset(self.root)
         load_or_create_splits(self.root, [c.case_id for c in info.training], self.n_folds,
                               self.split_seed)
@@ -203,3 +207,16 @@ class SegmentationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The validation fold's volumes (held out from training), as for validation."""
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Preprocessed scans without labels: ``predict_files``, or the dataset's imagesTs."""
+        if self.predict_files:
+            cases = find_case_files(self.predict_files, n_channels=len(self.info.channel_names))
+        else:
+            cases = list(self.info.test)
+        if not cases:
+            raise ValueError(f"nothing to predict: {self.root}/imagesTs is empty and no "
+                             "data.predict_files were given")
+        items = [case_item(c) for c in cases]
+        return DataLoader(Dataset(items, self.preprocessing.transforms(("image",))),
+                          batch_size=1, num_workers=self.num_workers)

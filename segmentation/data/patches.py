@@ -33,8 +33,9 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
     The image and label are reflect-padded by the network's margin (half the difference between
     input and output size) so every voxel of the scan can fall inside the label window, exactly
     as overlap-tile inference mirror-pads a scan. With probability ``foreground_fraction`` the
-    window is placed so that a random foreground voxel lies inside the label window; otherwise
-    it is placed uniformly at random. Labels without foreground fall back to uniform windows.
+    window is placed so that a voxel of a random foreground class lies inside the label window;
+    otherwise it is placed uniformly at random. Labels without foreground fall back to uniform
+    windows.
 
     Args:
         image_key: key of the (C, *S) image.
@@ -80,10 +81,13 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
     def _window_start(self, label: np.ndarray, padded_shape: Sequence[int],
                       before: Sequence[int]) -> list[int]:
         highest = [n - s for n, s in zip(padded_shape, self.input_size, strict=True)]
-        foreground = np.argwhere(label[0] > 0) if self._force_foreground else np.empty((0,))
-        if len(foreground) == 0:
+        classes = np.unique(label[label > 0]) if self._force_foreground else np.empty((0,))
+        if len(classes) == 0:
             return [int(self.R.randint(0, h + 1)) for h in highest]
-        voxel = foreground[self.R.randint(len(foreground))] + np.asarray(before)
+        # As nnU-Net: a random foreground class first, then a random voxel of it, so small
+        # structures are seen as often as large ones.
+        voxels = np.argwhere(label[0] == classes[self.R.randint(len(classes))])
+        voxel = voxels[self.R.randint(len(voxels))] + np.asarray(before)
         start = []
         for c, h, m, out in zip(voxel, highest, self.margin, self.output_size, strict=True):
             low, high = max(c - m - out + 1, 0), min(c - m, h)  # c inside the label window

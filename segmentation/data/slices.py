@@ -67,6 +67,19 @@ class RandomSlices(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def set_random_state(self, seed: int | None = None, state: object = None) -> RandomSlices:
+        """Reseed slice choice, crop and augmentation (called by MONAI's DataLoader per worker).
+
+        Defining it also stops MONAI's recursive reseeding from reaching albumentations'
+        Compose, whose ``set_random_state`` takes different arguments.
+        """
+        if seed is not None:
+            self.seed = int(seed)
+            self.crop.set_random_state(seed=self.seed)
+            if self.augmentation is not None:
+                self.augmentation.set_random_seed(self.seed)
+        return self
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return {"image": (C, H, W) float32, "label": (1, h, w) int64}."""
         volume = self.volumes[index % len(self.volumes)]

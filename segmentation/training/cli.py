@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.training.callbacks import LastCheckpoint
 from segmentation.training.module import SegmentationModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -65,6 +66,9 @@ class SegmentationCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default="runs")
         parser.add_argument("--deterministic", type=bool, default=False,
                             help="deterministic algorithms (slower)")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=0,
+                            help="also write last.ckpt every N steps (0: at epoch ends), so a "
+                                 "killed or preempted run loses at most N steps")
         parser.link_arguments("data.patch_size", "model.patch_size")
         parser.link_arguments("data.slice_axis", "model.slice_axis")
         parser.link_arguments("model.net", "model.net_config", compute_fn=namespace_to_dict)
@@ -75,6 +79,8 @@ class SegmentationCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.deterministic:
             config.trainer.deterministic = True
+        if config.trainer.default_root_dir is None:  # where anything without a logger goes
+            config.trainer.default_root_dir = str(Path(config.runs_dir) / config.name)
         if config.trainer.logger in (None, True):
             run_dir = Path(config.runs_dir) / config.name
             version = next_version(run_dir)
@@ -89,9 +95,12 @@ class SegmentationCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Add checkpoints (best by val/dice, and last), a rich progress bar, lr logging."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        every = config.checkpoint_every_n_steps or None
         extra = [
-            ModelCheckpoint(monitor="val/dice", mode="max", save_last=True,
+            ModelCheckpoint(monitor="val/dice", mode="max", save_top_k=1,
                             filename="best-{epoch:03d}", auto_insert_metric_name=False),
+            LastCheckpoint(every_n_train_steps=every),
             RichProgressBar(),
             LearningRateMonitor(logging_interval="step"),
         ]
@@ -112,7 +121,7 @@ class SegmentationCLI(LightningCLI):
             init["ckpt_path"] = str(found)
 
 
-def run_lightning(args: Sequence[str]) -> int:
-    """Run a LightningCLI subcommand; returns the exit code."""
-    SegmentationCLI(args=list(args))
+def run_lightning(args: Sequence[str] | None) -> int:
+    """Run a LightningCLI subcommand (``args`` None: the command line); returns the exit code."""
+    SegmentationCLI(args=None if args is None else list(args))
     return 0

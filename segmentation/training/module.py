@@ -78,6 +78,7 @@ class SegmentationModule(pl.LightningModule):
         # Filled from the data module at fit/validate/test time, or from a checkpoint.
         self.preprocessing: dict[str, Any] | None = None
         self.label_names: dict[int, str] = {}
+        self.output_patch_size: list[int] | None = None
         self._val_rows: list[dict] = []
         self._test_rows: list[dict] = []
 
@@ -94,7 +95,7 @@ class SegmentationModule(pl.LightningModule):
         if datamodule is not None:
             self.preprocessing = datamodule.preprocessing.as_dict()
             self.label_names = dict(datamodule.label_names)
-            self.hparams["output_patch_size"] = list(datamodule.output_size)
+            self.output_patch_size = list(datamodule.output_size)
             self._check_matches_dataset(datamodule)
 
     def _check_matches_dataset(self, datamodule: Any) -> None:
@@ -115,6 +116,7 @@ class SegmentationModule(pl.LightningModule):
             "preprocessing": self.preprocessing,
             "label_names": {int(k): v for k, v in self.label_names.items()},
             "patch_size": list(self.hparams.patch_size) if self.hparams.patch_size else None,
+            "output_patch_size": self.output_patch_size,
             "slice_axis": self.hparams.slice_axis,
         }
 
@@ -218,6 +220,15 @@ class SegmentationModule(pl.LightningModule):
                 self.log(f"test/{key}", sum(finite) / len(finite))
         if self.trainer.is_global_zero and self.trainer.log_dir:
             self.write_metrics_csv(Path(self.trainer.log_dir) / "test_metrics.csv", rows, keys)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Label maps in the preprocessed grid: {"case_id": [...], "label": (B, 1, *S) uint8}.
+
+        ``segmentation infer`` is the command that maps predictions back onto the scans.
+        """
+        logits = self.predictor()(torch.as_tensor(batch["image"]))
+        return {"case_id": batch.get("case_id"),
+                "label": logits.argmax(1, keepdim=True).to(torch.uint8)}
 
     def write_metrics_csv(self, path: Path, rows: list[dict], keys: list[str]) -> None:
         """One line per case and class: case_id, class, dice[, hd95]."""

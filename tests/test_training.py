@@ -1,0 +1,249 @@
+"""Training through LightningCLI: configs, fast_dev_run, learning, checkpoints, NaN handling."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from segmentation import UNet
+from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.data.synth import generate_dataset
+from segmentation.training.checkpoint import load_module
+from segmentation.training.cli import SegmentationCLI
+from segmentation.training.module import NonFiniteLossError, SegmentationModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
+
+
+@pytest.fixture(scope="module")
+def tiny3d(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny3d")
+    generate_dataset(root, cases=4, test_cases=1, seed=1, shape=(32, 32, 20))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny2d(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny2d")
+    generate_dataset(root, cases=4, test_cases=1, seed=1, dims=2, shape=(48, 40))
+    return root
+
+
+def tiny_net_args(dims: int, padding: str) -> list[str]:
+    return ["--model.net", "segmentation.UNet", "--model.net.init_args.spatial_dims", str(dims),
+            "--model.net.init_args.out_channels", "4",
+            "--model.net.init_args.features", "[4, 8, 16]",
+            "--model.net.init_args.padding", padding,
+            "--model.net.init_args.norm", "batch" if padding == "valid" else "instance"]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "ddp.yaml"),
+                         ids=lambda p: p.name)
+def test_every_training_config_instantiates_with_linked_shapes(path, tmp_path):
+    cli = SegmentationCLI(args=["--config", str(path), *CPU, "--runs_dir", str(tmp_path)],
+                          run=False)
+    net, data = cli.model.net, cli.datamodule
+    assert isinstance(net, UNet)
+    assert cli.model.hparams.patch_size == list(data.input_size)
+    assert data.output_size == net.output_shape(data.input_size)  # linked, not repeated
+    assert cli.model.net_config["class_path"] == "segmentation.UNet"
+
+
+def test_ddp_config_combines_with_a_training_config(tmp_path):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    cli = SegmentationCLI(args=["--config", str(CONFIGS / "unet3d.yaml"), "--config",
+                                str(CONFIGS / "ddp.yaml"), "--trainer.accelerator", "cpu",
+                                "--trainer.devices", "2", "--trainer.precision", "32-true",
+                                "--runs_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.trainer.num_devices == 2
+    assert cli.datamodule.cache == "disk"  # one shared cache, not a copy per process
+
+
+def fit_args(root: Path, runs: Path, dims: int, padding: str, *extra: str) -> list[str]:
+    features = "[4, 8, 16]" if padding == "same" else "[4, 8]"
+    net = UNet(spatial_dims=dims, features=(4, 8) if padding == "valid" else (4, 8, 16),
+               padding=padding)
+    patch = net.valid_input_shape((28,) * dims) if padding == "valid" else (16,) * dims
+    return ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *CPU,
+            "--runs_dir", str(runs), "--name", "test",
+            *tiny_net_args(dims, padding), "--model.net.init_args.features", features,
+            "--data.root", str(root), "--data.n_folds", "2", "--data.num_workers", "0",
+            "--data.patch_size", str(list(patch)), "--data.batch_size", "2",
+            "--data.cache", "none", *extra]
+
+
+@pytest.mark.parametrize(("dims", "padding", "slice_axis"), [
+    (3, "same", None), (3, "valid", None), (2, "same", None), (2, "valid", None),
+    (2, "same", 2),  # slice mode: a 2D network on slices of 3D volumes
+])
+def test_fast_dev_run_fit(dims, padding, slice_axis, tiny2d, tiny3d, tmp_path):
+    root = tiny3d if dims == 3 or slice_axis is not None else tiny2d
+    extra = ["--trainer.fast_dev_run", "true"]
+    if slice_axis is not None:
+        extra += ["--data.slice_axis", str(slice_axis)]
+    cli = SegmentationCLI(args=fit_args(root, tmp_path, dims, padding, *extra))
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"]))
+    assert 0.0 <= float(metrics["val/dice"]) <= 1.0  # whole-volume validation ran
+
+
+def test_dataset_failing_its_check_stops_training_before_any_epoch(tiny3d, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny3d, broken)
+    label = next((broken / "labelsTr").glob("*.nii.gz"))
+    label.write_bytes(b"not a nifti file")
+    with pytest.raises(ValueError, match=f"(?s)failed its integrity check.*{label.name}: cannot be read"):
+        SegmentationCLI(args=fit_args(broken, tmp_path, 3, "same", "--trainer.max_epochs", "1"))
+    assert not list(tmp_path.glob("test/version_*/checkpoints/*.ckpt"))
+
+
+def test_network_not_matching_the_dataset_is_refused(tiny3d, tmp_path):
+    args = fit_args(tiny3d, tmp_path, 3, "same", "--trainer.fast_dev_run", "true",
+                    "--model.net.init_args.out_channels", "3")
+    with pytest.raises(ValueError, match="set model.net.init_args.out_channels: 4"):
+        SegmentationCLI(args=args)
+
+
+class NaNNet(nn.Module):
+    """Outputs NaN logits: a stand-in for a diverged network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * float("nan")
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_skips(tiny3d):
+    batch = {"image": torch.randn(2, 1, 8, 8, 8), "label": torch.zeros(2, 1, 8, 8, 8).long()}
+    module = SegmentationModule(NaNNet(), patch_size=(8, 8, 8))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at global step 0"):
+        module.training_step(batch, 0)
+    skipping = SegmentationModule(NaNNet(), patch_size=(8, 8, 8), nonfinite_loss="skip")
+    with pytest.warns(RuntimeWarning, match="batch skipped"):
+        assert skipping.training_step(batch, 0) is None
+    with pytest.raises(ValueError, match="nonfinite_loss='ignore'"):
+        SegmentationModule(NaNNet(), nonfinite_loss="ignore")
+
+
+def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d, tmp_path):
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, out_channels=4, features=(8, 16, 32), deep_supervision=True)
+    dm = SegmentationDataModule(str(tiny3d), n_folds=2, patch_size=(24, 24, 16), batch_size=2,
+                                patches_per_epoch=16, num_workers=0, cache="memory",
+                                augment=False, network=net)
+    module = SegmentationModule(net, patch_size=(24, 24, 16),
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=100)
+    before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/dice"]
+    trainer.fit(module, datamodule=dm)
+    after = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/dice"]
+    assert after > before + 0.2, (before, after)
+    predictions = trainer.predict(module, datamodule=dm)  # the dataset's imagesTs
+    assert len(predictions) == 1 and predictions[0]["case_id"] == ["synth_004"]
+    assert predictions[0]["label"].dtype == torch.uint8
+    assert predictions[0]["label"].max() > 0
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    rebuilt = load_module(path)
+    assert rebuilt.preprocessing == dm.preprocessing.as_dict()
+    assert rebuilt.label_names == {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
+    assert list(rebuilt.hparams.patch_size) == [24, 24, 16]
+    x = torch.randn(1, 1, 24, 24, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.net(x), module.eval().net(x))
+
+
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segmentation.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def global_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # being written right now
+        return None
+
+
+def test_resume_after_sigkill_ends_at_the_same_total_steps(tiny3d, tmp_path):
+    total = 4 * 8  # epochs x (16 patches / batch 2)
+    args = fit_args(tiny3d, tmp_path, 3, "same", "--trainer.max_epochs", "4",
+                    "--data.patches_per_epoch", "16", "--data.patch_size", "[24, 24, 16]",
+                    "--trainer.check_val_every_n_epoch", "100", "--checkpoint_every_n_steps", "3")
+    process = subprocess.Popen([sys.executable, "-m", "segmentation.cli", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "test" / "version_0" / "checkpoints" / "last.ckpt"
+    killed_at = None
+    deadline = time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline:
+        step = global_step(last) if last.exists() else None
+        if step is not None and step >= 10:
+            process.send_signal(signal.SIGKILL)
+            killed_at = step
+            break
+        time.sleep(0.05)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert killed_at is not None and killed_at % 8 != 0 and killed_at < total  # mid-epoch
+    first_config = (tmp_path / "test" / "version_0" / "config.yaml").read_text()
+
+    resumed = run_cli(*args, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = tmp_path / "test" / "version_1" / "checkpoints" / "last.ckpt"
+    assert global_step(final) == total  # as many steps as an uninterrupted run
+    assert (tmp_path / "test" / "version_0" / "config.yaml").read_text() == first_config
+
+
+def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path):
+    root = tmp_path / "data"
+    generate_dataset(root, cases=6, test_cases=0, seed=2, shape=(24, 24, 16))
+    runs = tmp_path / "runs"
+    base = fit_args(root, runs, 3, "same")[1:]  # without the subcommand
+    fitted = run_cli("fit", *base, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0")
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    checkpoint = runs / "test" / "version_0" / "checkpoints" / "last.ckpt"
+    single = run_cli("validate", *base, "--ckpt_path", str(checkpoint))
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_cli("validate", *base, "--ckpt_path", str(checkpoint), "--trainer.strategy", "ddp",
+                  "--trainer.devices", "2")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    versions = sorted((runs / "test").glob("version_*"))
+    assert [v.name for v in versions] == ["version_0", "version_1", "version_2"]  # one per run
+
+    def val_dice(version: Path) -> float:
+        rows = list(csv.DictReader((version / "metrics.csv").open()))
+        return float(next(r["val/dice"] for r in rows if r.get("val/dice")))
+
+    # 3 validation cases over 2 processes: the sampler repeats one, the metric must not
+    assert val_dice(versions[2]) == pytest.approx(val_dice(versions[1]), abs=1e-6)
+
+    tested = run_cli("test", *base, "--ckpt_path", str(checkpoint), "--trainer.strategy", "ddp",
+                     "--trainer.devices", "2", "--model.test_hd95", "false")
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    rows = list(csv.DictReader((runs / "test" / "version_3" / "test_metrics.csv").open()))
+    pairs = [(r["case_id"], r["class"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == 3 * 3  # 3 held-out cases x 3 classes, each once
