@@ -110,7 +110,8 @@ def test_dataset_failing_its_check_stops_training_before_any_epoch(tiny3d, tmp_p
     shutil.copytree(tiny3d, broken)
     label = next((broken / "labelsTr").glob("*.nii.gz"))
     label.write_bytes(b"not a nifti file")
-    with pytest.raises(ValueError, match=f"(?s)failed its integrity check.*{label.name}: cannot be read"):
+    expected = f"(?s)failed its integrity check.*{label.name}: cannot be read"
+    with pytest.raises(ValueError, match=expected):
         SegmentationCLI(args=fit_args(broken, tmp_path, 3, "same", "--trainer.max_epochs", "1"))
     assert not list(tmp_path.glob("test/version_*/checkpoints/*.ckpt"))
 
