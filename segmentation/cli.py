@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from segmentation import __version__
 from segmentation.data.commands import add_data_commands
+from segmentation.evaluation import add_evaluate_command
 from segmentation.summary import add_summary_command
 
 LIGHTNING_SUBCOMMANDS = {
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers.add_parser(name, help=help_text, add_help=False)
     add_data_commands(subparsers)
     add_summary_command(subparsers)
+    add_evaluate_command(subparsers)
     return parser
 
 

@@ -26,9 +26,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "synth", help="write the synthetic MRI-like dataset",
         description="Write the synthetic dataset (nnU-Net v2 layout) used by the demo and tests.")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder to write")
-    synth.add_argument("--cases", type=int, default=12, help="training cases (default 12)")
-    synth.add_argument("--test-cases", type=int, default=2,
-                       help="extra cases in imagesTs, labels in labelsTs (default 2)")
+    synth.add_argument("--cases", type=int, default=32, help="training cases (default 32)")
+    synth.add_argument("--test-cases", type=int, default=4,
+                       help="extra cases in imagesTs, labels in labelsTs (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--shape", type=int, nargs="+", default=None,
                        help="voxels per axis (default 64 64 40 in 3D, 128 128 in 2D)")

@@ -48,9 +48,9 @@ class SynthCase:
     affine: np.ndarray
 
 
-def generate_dataset(out: str | Path, cases: int = 12, seed: int = 0,
+def generate_dataset(out: str | Path, cases: int = 32, seed: int = 0,
                      shape: Sequence[int] | None = None, dims: int = 3,
-                     test_cases: int = 2) -> DatasetInfo:
+                     test_cases: int = 4) -> DatasetInfo:
     """Write a synthetic dataset in the nnU-Net v2 layout.
 
     Writes ``dataset.json`` (name "synthetic", one "MRI" channel, labels background/organ/
