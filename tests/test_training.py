@@ -169,6 +169,8 @@ def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(key.startswith("net.") for key in state)  # the network, once
     rebuilt = load_module(path)
     assert rebuilt.preprocessing == dm.preprocessing.as_dict()
     assert rebuilt.label_names == {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}

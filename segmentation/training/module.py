@@ -74,7 +74,8 @@ class SegmentationModule(pl.LightningModule):
         self.net_config = net_config or getattr(net, "config", None)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         self.hparams["net_config"] = self.net_config
-        self._forward = torch.compile(net) if compile else net
+        # A compiled *function*, not a module attribute, so the state dict keeps only "net.*".
+        self._forward = torch.compile(net.forward) if compile else net.forward
         # Filled from the data module at fit/validate/test time, or from a checkpoint.
         self.preprocessing: dict[str, Any] | None = None
         self.label_names: dict[int, str] = {}
@@ -218,8 +219,9 @@ class SegmentationModule(pl.LightningModule):
             finite = [v for v in means.values() if not math.isnan(v)]
             if finite:
                 self.log(f"test/{key}", sum(finite) / len(finite))
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            self.write_metrics_csv(Path(self.trainer.log_dir) / "test_metrics.csv", rows, keys)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
+        if self.trainer.is_global_zero and log_dir:
+            self.write_metrics_csv(Path(log_dir) / "test_metrics.csv", rows, keys)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Label maps in the preprocessed grid: {"case_id": [...], "label": (B, 1, *S) uint8}.
