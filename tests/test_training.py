@@ -250,3 +250,13 @@ def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path)
     rows = list(csv.DictReader((runs / "test" / "version_3" / "test_metrics.csv").open()))
     pairs = [(r["case_id"], r["class"]) for r in rows]
     assert len(pairs) == len(set(pairs)) == 3 * 3  # 3 held-out cases x 3 classes, each once
+
+
+def test_compiled_network_matches_eager_and_keeps_the_state_dict_plain():
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, features=(4, 8), out_channels=3)
+    module = SegmentationModule(net, patch_size=(16, 16, 16), compile=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(x), net(x), atol=1e-5)
+    assert all(key.startswith("net.") for key in module.state_dict())
