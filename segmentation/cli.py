@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from segmentation import __version__
 from segmentation.data.commands import add_data_commands
 from segmentation.evaluation import add_evaluate_command
+from segmentation.inference.commands import add_infer_command
 from segmentation.summary import add_summary_command
 
 LIGHTNING_SUBCOMMANDS = {
@@ -30,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         # Listed here for --help; the arguments are LightningCLI's (segmentation fit --help).
         subparsers.add_parser(name, help=help_text, add_help=False)
     add_data_commands(subparsers)
-    add_summary_command(subparsers)
+    add_infer_command(subparsers)
     add_evaluate_command(subparsers)
+    add_summary_command(subparsers)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""``segmentation infer``: segment NIfTI scans with a checkpoint alone."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from segmentation.data.layout import find_case_files
+from segmentation.inference.infer import (
+    CaseResult,
+    Segmenter,
+    check_outputs,
+    provenance,
+    write_provenance,
+)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """Segment every case; a failing case is reported and skipped. Exit 1 if any failed."""
+    console = Console(stderr=True, soft_wrap=True)  # one line per message, never wrapped
+    started = time.time()
+    checkpoint, output_dir = Path(args.checkpoint), Path(args.output)
+    try:
+        segmenter = Segmenter(checkpoint, overlap=args.overlap, tta=args.tta, device=args.device,
+                              batch_size=args.batch_size,
+                              note=lambda message: console.print(f"note: {message}", markup=False,
+                                                                 highlight=False))
+        cases = find_case_files(args.input, n_channels=segmenter.in_channels)
+    except Exception as err:  # a bad checkpoint or input list: one line, no traceback
+        console.print(f"error: {err}", markup=False, highlight=False)
+        return 1
+    if not cases:
+        console.print(f"error: no .nii/.nii.gz scans found in {' '.join(args.input)}")
+        return 1
+    output_dir.mkdir(parents=True, exist_ok=True)
+    problems = check_outputs(cases, output_dir, save_probabilities=args.save_probabilities,
+                             overwrite=args.overwrite)
+    for problem in problems:
+        console.print(f"error: {problem}", markup=False, highlight=False)
+    if problems:
+        return 1
+
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        scans = progress.add_task("scans", total=len(cases))
+        windows = progress.add_task("windows", total=None, visible=False)
+
+        def on_windows(done: int, total: int) -> None:
+            progress.update(windows, completed=done, total=total, visible=True)
+
+        for case in cases:
+            result = CaseResult(case.case_id, [str(p) for p in case.images])
+            tick = time.monotonic()
+            progress.update(scans, description=f"scans ({case.case_id})")
+            try:
+                written = segmenter.segment(case, output_dir,
+                                            save_probabilities=args.save_probabilities,
+                                            progress=on_windows)
+                result.outputs = [str(p) for p in written]
+            except Exception as err:  # one bad scan must not stop the others
+                result.error = f"{type(err).__name__}: {err}"
+                progress.console.print(f"error: {case.images[0]}: {result.error}", markup=False,
+                                       highlight=False)
+            result.seconds = round(time.monotonic() - tick, 3)
+            results.append(result)
+            progress.update(windows, visible=False)
+            progress.advance(scans)
+
+    settings = {"overlap": segmenter.overlap, "tta": args.tta, "device": str(segmenter.device),
+                "batch_size": segmenter.batch_size,
+                "save_probabilities": args.save_probabilities, "overwrite": args.overwrite}
+    write_provenance(output_dir, provenance(checkpoint, settings, results, started))
+    failed = [r for r in results if r.error]
+    console.print(f"wrote {len(results) - len(failed)} segmentation(s) to {output_dir}"
+                  + (f"; {len(failed)} scan(s) failed" if failed else ""), highlight=False)
+    return 1 if failed else 0
+
+
+def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``segmentation infer``."""
+    parser = subparsers.add_parser(
+        "infer", help="segment NIfTI scans with a trained checkpoint",
+        description="Segment scans with a checkpoint alone: network, preprocessing and label "
+                    "names come from it. Writes CASE.nii.gz label maps with each scan's exact "
+                    "geometry, and provenance.json.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by fit")
+    parser.add_argument("--input", required=True, nargs="+",
+                        help="scans (.nii/.nii.gz) or folders; CASE_0000, CASE_0001, ... are "
+                             "the channels of one case")
+    parser.add_argument("--output", required=True, help="folder for the segmentations")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap (default: as trained, 0.5)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write CASE_probabilities.nii.gz (classes on the last axis)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run_infer)

@@ -1,0 +1,228 @@
+"""`segmentation infer`: geometry restored, safety, failures, provenance, channels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from segmentation import UNet
+from segmentation.cli import main
+from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.data.preprocessing import Preprocessing
+from segmentation.data.synth import generate_dataset
+from segmentation.inference import infer as infer_module
+from segmentation.inference.infer import Segmenter, sha256
+from segmentation.training.checkpoint import read_checkpoint_meta
+from segmentation.training.module import SegmentationModule
+
+
+def train_checkpoint(root: Path, path: Path, *, in_channels: int = 1, padding: str = "same",
+                     normalization: str = "zscore") -> Path:
+    """One training step on a tiny dataset, saved as a self-describing checkpoint."""
+    net = UNet(spatial_dims=3, in_channels=in_channels, out_channels=4, features=(4, 8),
+               padding=padding, norm="batch" if padding == "valid" else "instance")
+    patch = net.valid_input_shape((32, 32, 32)) if padding == "valid" else (16, 16, 16)
+    dm = SegmentationDataModule(str(root), n_folds=2, patch_size=patch, batch_size=1,
+                                patches_per_epoch=1, num_workers=0, cache="none", network=net,
+                                spacing=(1.0, 1.0, 1.5), normalization=normalization)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(SegmentationModule(net, patch_size=patch), datamodule=dm)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("infer_data")
+    generate_dataset(root, cases=3, test_cases=3, seed=5, shape=(40, 36, 20))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory) -> Path:
+    return train_checkpoint(dataset, tmp_path_factory.mktemp("ckpt") / "model.ckpt")
+
+
+@pytest.fixture(scope="module")
+def ct_checkpoint(dataset, tmp_path_factory) -> Path:
+    """Dataset-level (CT-style) normalisation: a network-input threshold is a raw threshold."""
+    return train_checkpoint(dataset, tmp_path_factory.mktemp("ckpt") / "ct.ckpt",
+                            normalization="ct")
+
+
+def infer(*args: str) -> int:
+    return main(["infer", *args])
+
+
+Z_THRESHOLD = 1.0
+
+
+class LabelOracle:
+    """Stands in for the predictor: returns the *preprocessed label* of the scan it is given.
+
+    Why this oracle: it makes the expected output known exactly, independent of training
+    quality and of intensity statistics. Each test scan's label is run through the same
+    preprocessing as its image (orientation, spacing with nearest neighbours); the oracle
+    recognises a scan by its preprocessed image and answers with one-hot logits of that label.
+    Inverting those and writing them must then reproduce the original label file on the
+    original grid: a flipped, permuted or shifted axis, or a wrong affine, would give Dice ~0.
+    """
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], classes: int) -> None:
+        self.pairs, self.classes = pairs, classes
+
+    def __call__(self, image: torch.Tensor, progress=None) -> torch.Tensor:
+        for preprocessed, label in self.pairs:  # (C, *S'), (1, *S')
+            if preprocessed.shape == image.shape[1:] and torch.allclose(preprocessed, image[0]):
+                one_hot = torch.nn.functional.one_hot(label[0].long(), self.classes)
+                return 10.0 * one_hot.movedim(-1, 0)[None].float()  # (1, K, *S')
+        raise AssertionError("the oracle was given a scan it does not know")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_outputs_keep_each_scans_geometry_and_structures_stay_in_place(dataset, checkpoint,
+                                                                       tmp_path, monkeypatch):
+    meta = read_checkpoint_meta(checkpoint)
+    transform = Preprocessing.from_dict(meta["preprocessing"]).transforms(("image", "label"))
+    scans = sorted((dataset / "imagesTs").glob("*.nii.gz"))
+    labels = [dataset / "labelsTs" / scan.name.replace("_0000", "") for scan in scans]
+    pairs = []
+    for scan, label in zip(scans, labels, strict=True):
+        data = transform({"image": str(scan), "label": str(label)})
+        pairs.append((data["image"].as_tensor(), data["label"].as_tensor()))
+    monkeypatch.setattr(Segmenter, "predictor",
+                        lambda self, voxels, classes: LabelOracle(pairs, classes))
+
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(dataset / "imagesTs"),
+                 "--output", str(out)]) == 0
+    orientations = set()
+    for scan, label in zip(scans, labels, strict=True):
+        source, result = nib.load(scan), nib.load(out / label.name)
+        assert result.shape == source.shape
+        assert np.allclose(result.affine, source.affine, atol=1e-6)
+        assert np.allclose(result.get_sform(), source.get_sform(), atol=1e-6)
+        assert np.allclose(result.get_qform(), source.get_qform(), atol=1e-5)
+        assert int(result.header["sform_code"]) == int(source.header["sform_code"])
+        assert int(result.header["qform_code"]) == int(source.header["qform_code"])
+        assert result.get_data_dtype() == np.uint8
+        truth, predicted = np.asanyarray(nib.load(label).dataobj), np.asanyarray(result.dataobj)
+        assert dice(truth > 0, predicted > 0) > 0.95, scan.name
+        assert dice(truth == 1, predicted == 1) > 0.95, scan.name  # the organ, in place
+        orientations.add(nib.aff2axcodes(source.affine))
+    assert len(orientations) > 1  # RAS- and LPS-like (and rotated) scans all came back in place
+
+
+def test_refuses_to_overwrite_outputs_or_inputs_unless_told(dataset, checkpoint, tmp_path,
+                                                            capsys):
+    scans = tmp_path / "scans"
+    shutil.copytree(dataset / "imagesTs", scans)
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "synth_003.nii.gz"
+    existing.write_bytes(b"keep me")
+    assert infer("--checkpoint", str(checkpoint), "--input", str(scans), "--output",
+                 str(out)) == 1
+    assert "synth_003.nii.gz: exists; pass --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+    assert not (out / "synth_004.nii.gz").exists()  # refused before anything was written
+
+    # an output that would land on an input scan is refused even with --overwrite
+    single = scans / "synth_005.nii.gz"
+    shutil.copy(scans / "synth_005_0000.nii.gz", single)
+    before = single.read_bytes()
+    assert infer("--checkpoint", str(checkpoint), "--input", str(single), "--output",
+                 str(scans), "--overwrite") == 1
+    assert "is one of the input scans" in capsys.readouterr().err
+    assert single.read_bytes() == before
+
+    assert infer("--checkpoint", str(checkpoint), "--input", str(scans / "synth_003_0000.nii.gz"),
+                 "--output", str(out), "--overwrite") == 0
+    assert nib.load(existing).shape == nib.load(scans / "synth_003_0000.nii.gz").shape
+
+
+def test_an_interrupted_write_leaves_no_partial_file(dataset, checkpoint, tmp_path, monkeypatch):
+    real_save = nib.save
+
+    def failing_save(image, filename):
+        real_save(image, filename)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # half written, then
+        raise KeyboardInterrupt  # the run is interrupted
+
+    monkeypatch.setattr(nib, "save", failing_save)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        infer("--checkpoint", str(checkpoint), "--input",
+              str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output", str(out))
+    assert list(out.iterdir()) == []  # neither the mask nor a temporary file
+
+
+def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoint, tmp_path,
+                                                               capsys):
+    scans = tmp_path / "scans"
+    shutil.copytree(dataset / "imagesTs", scans)
+    (scans / "broken_0000.nii.gz").write_bytes(np.random.default_rng(0).bytes(500))
+    out = tmp_path / "out"
+    assert infer("--checkpoint", str(checkpoint), "--input", str(scans), "--output",
+                 str(out), "--save-probabilities") == 1
+    err = capsys.readouterr().err
+    assert "broken_0000.nii.gz" in err and "Traceback" not in err
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert written == [f"synth_00{i}{s}.nii.gz" for i in (3, 4, 5)
+                       for s in ("", "_probabilities")]
+    probabilities = nib.load(out / "synth_003_probabilities.nii.gz")
+    assert probabilities.shape == (*nib.load(scans / "synth_003_0000.nii.gz").shape, 4)
+    assert np.allclose(np.asanyarray(probabilities.dataobj).sum(-1), 1.0, atol=1e-3)
+
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["checkpoint_sha256"] == sha256(checkpoint)
+    assert record["versions"]["torch"] == torch.__version__
+    failed = [c for c in record["cases"] if c["error"]]
+    assert [c["case_id"] for c in failed] == ["broken"]
+
+
+def test_multichannel_cases_and_valid_networks(dataset, tmp_path):
+    two = tmp_path / "two_channels"
+    shutil.copytree(dataset, two)
+    meta = json.loads((two / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T1", "1": "T2"}
+    (two / "dataset.json").write_text(json.dumps(meta))
+    for folder in ("imagesTr", "imagesTs"):
+        for first in (two / folder).glob("*_0000.nii.gz"):
+            shutil.copy(first, first.with_name(first.name.replace("_0000", "_0001")))
+    checkpoint = train_checkpoint(two, tmp_path / "two.ckpt", in_channels=2)
+    out = tmp_path / "out"
+    assert infer("--checkpoint", str(checkpoint), "--input", str(two / "imagesTs"),
+                 "--output", str(out)) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [
+        "synth_003.nii.gz", "synth_004.nii.gz", "synth_005.nii.gz"]
+
+    valid = train_checkpoint(dataset, tmp_path / "valid.ckpt", padding="valid")
+    scan = dataset / "imagesTs" / "synth_004_0000.nii.gz"
+    assert infer("--checkpoint", str(valid), "--input", str(scan), "--output",
+                 str(tmp_path / "valid_out"), "--tta") == 0
+    assert nib.load(tmp_path / "valid_out" / "synth_004.nii.gz").shape == nib.load(scan).shape
+
+
+def test_a_missing_gpu_or_bad_checkpoint_is_one_error_line(dataset, tmp_path, capsys):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"nope")
+    assert infer("--checkpoint", str(bogus), "--input", str(dataset / "imagesTs"), "--output",
+                 str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU is available"):
+            infer_module.resolve_device("cuda")
