@@ -16,6 +16,7 @@ from typing import Any
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.training.callbacks import LastCheckpoint
@@ -75,27 +76,31 @@ class SegmentationCLI(LightningCLI):
         parser.link_arguments("model.net", "data.network", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """Determinism and the run folder's loggers."""
+        """Determinism, and a home for anything written without a logger."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.deterministic:
             config.trainer.deterministic = True
-        if config.trainer.default_root_dir is None:  # where anything without a logger goes
+        if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(Path(config.runs_dir) / config.name)
-        if config.trainer.logger in (None, True):
-            run_dir = Path(config.runs_dir) / config.name
-            version = next_version(run_dir)
-            config.trainer.logger = [
-                Namespace(class_path="pytorch_lightning.loggers.TensorBoardLogger",
-                          init_args=Namespace(save_dir=config.runs_dir, name=config.name,
-                                              version=version, default_hp_metric=False)),
-                Namespace(class_path="pytorch_lightning.loggers.CSVLogger",
-                          init_args=Namespace(save_dir=config.runs_dir, name=config.name,
-                                              version=version)),
-            ]
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """Add checkpoints (best by val/dice, and last), a rich progress bar, lr logging."""
+        """The trainer, with this project's defaults where the config leaves them open.
+
+        Loggers (TensorBoard and CSV in one new ``runs_dir/name/version_N`` folder) are made
+        here rather than written into the config, so a run's saved config.yaml can be reused
+        as it is and still gets a fresh folder. Added callbacks: checkpoints (best by val/dice,
+        and last), a rich progress bar and learning-rate logging; a callback type the config
+        already names is not added twice.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True):
+            version = next_version(Path(config.runs_dir) / config.name)
+            kwargs["logger"] = [
+                TensorBoardLogger(config.runs_dir, name=config.name, version=version,
+                                  default_hp_metric=False),
+                CSVLogger(config.runs_dir, name=config.name, version=version),
+            ]
         every = config.checkpoint_every_n_steps or None
         extra = [
             ModelCheckpoint(monitor="val/dice", mode="max", save_top_k=1,
@@ -104,10 +109,11 @@ class SegmentationCLI(LightningCLI):
             RichProgressBar(),
             LearningRateMonitor(logging_interval="step"),
         ]
-        given = kwargs.pop("callbacks", None) or []
-        kinds = {type(c) for c in given}
-        return super().instantiate_trainer(
-            callbacks=given + [c for c in extra if type(c) not in kinds], **kwargs)
+        configured = trainer.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        kinds = {type(c) for c in configured}
+        kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` to the newest last.ckpt of this run name."""
