@@ -153,20 +153,28 @@ def test_refuses_to_overwrite_outputs_or_inputs_unless_told(dataset, checkpoint,
     assert nib.load(existing).shape == nib.load(scans / "synth_003_0000.nii.gz").shape
 
 
-def test_an_interrupted_write_leaves_no_partial_file(dataset, checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_an_interrupted_write_leaves_no_partial_file(dataset, checkpoint, tmp_path, monkeypatch,
+                                                     capsys, failure):
     real_save = nib.save
 
     def failing_save(image, filename):
         real_save(image, filename)
         Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # half written, then
-        raise KeyboardInterrupt  # the run is interrupted
+        raise failure("disk full")  # the run is interrupted, or the write fails
 
     monkeypatch.setattr(nib, "save", failing_save)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        infer("--checkpoint", str(checkpoint), "--input",
-              str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output", str(out))
-    assert list(out.iterdir()) == []  # neither the mask nor a temporary file
+    args = ("--checkpoint", str(checkpoint), "--input",
+            str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output", str(out))
+    if failure is KeyboardInterrupt:  # stops the whole run
+        with pytest.raises(KeyboardInterrupt):
+            infer(*args)
+        assert list(out.iterdir()) == []  # neither the mask nor a temporary file
+    else:  # fails this scan: reported, recorded, and nothing of it left behind
+        assert infer(*args) == 1
+        assert "synth_003_0000.nii.gz: OSError: disk full" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == ["provenance.json"]
 
 
 def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoint, tmp_path,

@@ -78,6 +78,10 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path, *, overlap: float | None = None,
                  tta: bool = False, device: str = "auto", batch_size: int | None = None,
                  note: Callable[[str], None] | None = None) -> None:
+        if overlap is not None and not 0 <= overlap < 1:
+            raise ValueError(f"--overlap {overlap}: choose a fraction in [0, 1), e.g. 0.5")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"--batch-size {batch_size}: choose 1 or more windows per pass")
         self.note = note or (lambda message: None)
         self.device = resolve_device(device)
         module = load_module(checkpoint, map_location="cpu")
@@ -207,6 +211,7 @@ def provenance(checkpoint: Path, settings: dict[str, Any], results: Sequence[Cas
                      "monai": monai.__version__, "nibabel": nib.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime()),
         "seconds": round(time.time() - started, 3),
         "cases": [vars(r) for r in results],
     }
