@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -30,12 +31,12 @@ def like_reference(data: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Im
     return image
 
 
-def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
-    """Save ``image`` to ``path`` so that ``path`` is either absent or complete.
+def _write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary)`` on a temporary file beside ``path``, fsync it, rename it.
 
-    nibabel writes to a temporary file in the same folder (same file system, so the final
-    rename is atomic), which is flushed to disk and then renamed over ``path``. On any failure
-    the temporary file is removed and the error is raised.
+    The temporary file lies in the same folder (same file system, so the rename is atomic) and
+    keeps the target's file ending (nibabel chooses the format by it). On any failure it is
+    removed and the error is raised, so ``path`` is either absent, untouched or complete.
     """
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
@@ -43,7 +44,7 @@ def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
                                          suffix=suffix)
     os.close(handle)
     try:
-        nib.save(image, temporary)
+        write(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
@@ -53,17 +54,11 @@ def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
     return path
 
 
+def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
+    """Save a NIfTI image to ``path`` atomically."""
+    return _write_atomic(path, lambda temporary: nib.save(image, temporary))
+
+
 def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a text file atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a text file atomically."""
+    return _write_atomic(path, lambda temporary: Path(temporary).write_text(text))
