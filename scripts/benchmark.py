@@ -1,16 +1,25 @@
 """Whole-volume inference speed and memory: our Predictor against MONAI's sliding window.
 
 Both run in the same process on the same network, volume, window, overlap (0.5) and Gaussian
-blending, and every measurement is one JSON line on stdout; a "ratio" line gives the speed-up of
-ours over MONAI's and the largest logit difference between the two. A last line times the
-overlap-tile path on a "valid"-convolution U-Net (MONAI has no peer for it).
+blending, and every measurement is one JSON line on stdout; a "ratio" line per variant of ours
+gives its speed-up over MONAI's and the largest logit difference between the two. Variants:
+"segmentation_predictor" (the network as given) and, with --channels-last (default on a GPU),
+"segmentation_predictor_channels_last" (a copy of the network converted to channels-last
+memory format, windows fed channels-last) and, with --compile, "segmentation_predictor_compiled"
+(torch.compile of the network; compilation happens in the untimed warm-up run). A further line
+times the overlap-tile path on a "valid"-convolution U-Net (MONAI has no peer for it).
+
+--large runs `segmentation infer`'s whole path (load, preprocess, predict, invert, write) on a
+CT-sized 512×512×400 scan at its native spacing, and reports seconds and peak memory: on a GPU
+the stitching buffers move to the CPU when they would not fit, so a 16 GB card is enough.
 
 GPU reference settings (the figure to compare with: MONAI 0.33 s per volume on one H100 with
 the nnU-Net-sized plain network, bf16 autocast):
     python scripts/benchmark.py --device cuda --volume 256 256 256 --roi 128 128 128 \
         --dtype bf16 --repeats 5
 CPU defaults (volume 96³, windows 64³, fp32, one timed repeat after a warm-up) finish in about
-two minutes on two cores. Peak memory: torch.cuda.max_memory_allocated per method on a GPU; on
+two minutes on two cores; --large on the CPU takes about six minutes more (294 windows of 128³).
+Peak memory: torch.cuda.max_memory_allocated per method on a GPU; on
 the CPU the process's peak resident set size so far (it only grows, so read it as an upper
 bound for each method).
 """
@@ -18,18 +27,28 @@ bound for each method).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pytorch_lightning as pl
 import torch
 from monai.inferers import sliding_window_inference
 
 from segmentation import UNet
+from segmentation.data.layout import Case
+from segmentation.data.preprocessing import Preprocessing
+from segmentation.inference.infer import Segmenter
 from segmentation.inference.predictor import Predictor
 from segmentation.inference.tiling import overlap_tile
+from segmentation.training.module import SegmentationModule
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -69,12 +88,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs after the warm-up (default 3 on a GPU, 1 on the CPU)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time ours with a channels-last network (default: on a GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with torch.compile(net) (compiled in the warm-up)")
+    parser.add_argument("--large", action="store_true",
+                        help="also run infer's whole path on a 512×512×400 CT-sized scan")
+    parser.add_argument("--large-scan", type=int, nargs=3, default=(512, 512, 400),
+                        help="--large: the scan's shape (default 512 512 400)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=16.0,
+                        help="--large on a GPU: cap this process's GPU memory (default 16)")
     parser.add_argument("--valid", action=argparse.BooleanOptionalAction, default=True,
                         help="also time overlap-tile with a valid network (3 poolings on a GPU, "
                              "2 on the CPU, where 156³ tiles would take minutes)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True  # for both methods alike, as `segmentation infer` does
     volume = tuple(args.volume or ((256,) * 3 if gpu else (96,) * 3))
     roi = tuple(args.roi or ((128,) * 3 if gpu else (64,) * 3))
     dtype = args.dtype or ("bf16" if gpu else "fp32")
@@ -95,14 +125,25 @@ def main() -> None:
             return sliding_window_inference(image, roi, sw_batch_size, net,
                                             overlap=args.overlap, mode="gaussian")
 
-    predictor = Predictor(net, roi, overlap=args.overlap, batch_size=sw_batch_size)
+    variants = {"segmentation_predictor": (net, False)}
+    if args.channels_last if args.channels_last is not None else gpu:
+        converted = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
+        variants["segmentation_predictor_channels_last"] = (converted, True)
+    if args.compile:
+        variants["segmentation_predictor_compiled"] = (torch.compile(net), False)
+    runs: dict[str, Callable[[], torch.Tensor]] = {"monai_sliding_window": monai_run}
+    for name, (variant_net, channels_last) in variants.items():
+        predictor = Predictor(variant_net, roi, overlap=args.overlap, batch_size=sw_batch_size,
+                              precision=dtype, channels_last=channels_last)
 
-    def ours_run() -> torch.Tensor:
-        with torch.inference_mode(), autocast:
-            return predictor(image)
+        def ours_run(predictor: Predictor = predictor) -> torch.Tensor:
+            with torch.inference_mode():
+                return predictor(image)
+
+        runs[name] = ours_run
 
     results, outputs = {}, {}
-    for name, run in (("monai_sliding_window", monai_run), ("segmentation_predictor", ours_run)):
+    for name, run in runs.items():
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         times, outputs[name] = timed(run, device, repeats)
@@ -110,16 +151,25 @@ def main() -> None:
         emit({"benchmark": "same_padding_whole_volume", "method": name,
               "seconds_per_volume": round(results[name], 4), "runs": [round(t, 4) for t in times],
               "peak_memory_mb": round(peak_memory_mb(device), 1), **common})
-    difference = (outputs["monai_sliding_window"].float()
-                  - outputs["segmentation_predictor"].float()).abs().max().item()
-    emit({"benchmark": "same_padding_whole_volume", "method": "ratio",
-          "speedup_vs_monai": round(results["monai_sliding_window"]
-                                    / results["segmentation_predictor"], 3),
-          "max_abs_logit_difference": difference, **common})
+    for name in variants:
+        difference = (outputs["monai_sliding_window"].float()
+                      - outputs[name].float()).abs().max().item()
+        emit({"benchmark": "same_padding_whole_volume", "method": "ratio", "variant": name,
+              "speedup_vs_monai": round(results["monai_sliding_window"] / results[name], 3),
+              "max_abs_logit_difference": difference, **common})
     del outputs
 
-    if not args.valid:
-        return
+    if args.valid:
+        valid_overlap_tile(image, roi, sw_batch_size, autocast, repeats, common)
+    if args.large:
+        large_volume(device, tuple(args.large_scan), args.overlap, dtype, sw_batch_size, common,
+                     args.gpu_memory_gb)
+
+
+def valid_overlap_tile(image: torch.Tensor, roi: tuple[int, ...], sw_batch_size: int,
+                       autocast: torch.autocast, repeats: int, common: dict) -> None:
+    """Time overlap-tile on a valid-convolution U-Net over ``image``."""
+    device, gpu = image.device, image.device.type == "cuda"
     # A valid-convolution network (3D U-Net-like), run by overlap-tile; MONAI has no peer for
     # it. Its tiles are as large as needed for an output of the window size.
     features = [32, 64, 128, 256] if gpu else [32, 64, 128]
@@ -140,6 +190,70 @@ def main() -> None:
           "features": features, "input_tile": tile, "output_tile": out_tile,
           "seconds_per_volume": round(statistics.median(times), 4),
           "peak_memory_mb": round(peak_memory_mb(device), 1), **common})
+
+
+def large_volume(device: torch.device, shape: tuple[int, ...], overlap: float, dtype: str,
+                 sw_batch_size: int, common: dict, gpu_memory_gb: float | None = None) -> None:
+    """`segmentation infer`'s path on a CT-sized scan, in a fresh process (clean peak)."""
+    context = torch.multiprocessing.get_context("spawn")
+    child = context.Process(target=_large_volume_child,
+                            args=(str(device), shape, overlap, dtype, sw_batch_size, common,
+                                  gpu_memory_gb))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        emit({"benchmark": "large_volume_infer", "error": f"exit code {child.exitcode}",
+              **common})
+
+
+def _large_volume_child(device_name: str, shape: tuple[int, ...], overlap: float, dtype: str,
+                        sw_batch_size: int, common: dict, gpu_memory_gb: float | None) -> None:
+    device = torch.device(device_name)
+    gpu = device.type == "cuda"
+    if gpu and gpu_memory_gb:  # behave like a smaller card
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(gpu_memory_gb * 2**30 / total, 1.0),
+                                                   device)
+    spacing, window = (0.78, 0.78, 1.25), (128, 128, 128)
+    # nnU-Net-sized plain network on a GPU; the quickstart's on the CPU (same memory path)
+    features = [32, 64, 128, 256, 320, 320] if gpu else [8, 16, 32, 64]
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=4, features=features,
+               downsample="conv" if gpu else "maxpool")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        module = SegmentationModule(net, patch_size=window, overlap=overlap,
+                                    sw_batch_size=sw_batch_size)
+        module.preprocessing = Preprocessing(spacing=None, normalization="zscore").as_dict()
+        module.label_names = {0: "background", 1: "liver", 2: "kidney", 3: "tumour"}
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+        trainer.strategy.connect(module)
+        trainer.save_checkpoint(root / "model.ckpt")
+        # an LPS CT volume (as DICOM converters write it): HU-like smooth noise
+        rng = np.random.default_rng(0)
+        volume = rng.integers(-1000, 1500, size=shape, dtype=np.int16)
+        affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+        scan = root / "ct_0000.nii"
+        nib.save(nib.Nifti1Image(volume, affine), scan)
+        del volume
+        segmenter = Segmenter(root / "model.ckpt", device=str(device), precision=dtype,
+                              note=lambda message: emit({"note": message}))
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        (root / "out").mkdir()
+        written = segmenter.segment(Case("ct", (scan,), None), root / "out")
+        seconds = time.perf_counter() - start
+        mask = nib.load(str(written[0]))
+        emit({"benchmark": "large_volume_infer", "method": "segmentation_infer",
+              "scan": shape, "spacing": spacing, "window": window, "features": features,
+              "seconds": round(seconds, 2),
+              "peak_process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                           / 1024, 1),
+              "peak_gpu_memory_mb": round(peak_memory_mb(device), 1) if gpu else None,
+              "gpu_memory_cap_gb": gpu_memory_gb if gpu else None,
+              "output_shape_matches": tuple(mask.shape) == shape,
+              "output_affine_matches": bool(np.allclose(mask.affine, affine)),
+              **{**common, "roi": window, "volume": shape}})
 
 
 if __name__ == "__main__":

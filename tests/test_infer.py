@@ -197,6 +197,7 @@ def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoi
     record = json.loads((out / "provenance.json").read_text())
     assert record["checkpoint_sha256"] == sha256(checkpoint)
     assert record["versions"]["torch"] == torch.__version__
+    assert record["settings"]["precision"] == "fp32"  # "auto" on the CPU
     failed = [c for c in record["cases"] if c["error"]]
     assert [c["case_id"] for c in failed] == ["broken"]
 
@@ -234,3 +235,23 @@ def test_a_missing_gpu_or_bad_checkpoint_is_one_error_line(dataset, tmp_path, ca
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU is available"):
             infer_module.resolve_device("cuda")
+
+
+def test_precision_choice_and_cpu_stitching_when_the_gpu_would_not_hold_the_buffers(
+        checkpoint, monkeypatch):
+    cpu = torch.device("cpu")
+    assert infer_module.resolve_precision("auto", cpu) == "fp32"
+    assert infer_module.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="--precision fp8: choose auto, fp32 or bf16"):
+        infer_module.resolve_precision("fp8", cpu)
+
+    notes: list[str] = []
+    segmenter = Segmenter(checkpoint, device="cpu", tta=True, note=notes.append)
+    segmenter.device = torch.device("cuda")  # decide as if on a GPU; nothing runs on it
+    voxels = 512 * 512 * 400  # (4 classes × 2 for the TTA sum + 2) × 4 bytes ≈ 4.1 GB
+    monkeypatch.setattr(infer_module, "available_gpu_memory", lambda device: 15 * 2**30)
+    assert segmenter.predictor(voxels, 4).out_device == "cpu"  # more than 25% of a 16 GB card
+    assert "stitching them on the CPU" in notes[-1] and "3.9 GiB" in notes[-1]
+    monkeypatch.setattr(infer_module, "available_gpu_memory", lambda device: 75 * 2**30)
+    assert segmenter.predictor(voxels, 4).out_device == torch.device("cuda")
+    assert len(notes) == 1

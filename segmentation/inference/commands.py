@@ -26,7 +26,7 @@ def run_infer(args: argparse.Namespace) -> int:
     checkpoint, output_dir = Path(args.checkpoint), Path(args.output)
     try:
         segmenter = Segmenter(checkpoint, overlap=args.overlap, tta=args.tta, device=args.device,
-                              batch_size=args.batch_size,
+                              batch_size=args.batch_size, precision=args.precision,
                               note=lambda message: console.print(f"note: {message}", markup=False,
                                                                  highlight=False))
         cases = find_case_files(args.input, n_channels=segmenter.in_channels)
@@ -73,7 +73,7 @@ def run_infer(args: argparse.Namespace) -> int:
             progress.advance(scans)
 
     settings = {"overlap": segmenter.overlap, "tta": args.tta, "device": str(segmenter.device),
-                "batch_size": segmenter.batch_size,
+                "batch_size": segmenter.batch_size, "precision": segmenter.precision,
                 "save_probabilities": args.save_probabilities, "overwrite": args.overwrite}
     write_provenance(output_dir, provenance(checkpoint, settings, results, started))
     failed = [r for r in results if r.error]
@@ -99,6 +99,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="network arithmetic: auto = bf16 on a GPU that supports it, else "
+                             "fp32 (logits are blended in float32 either way)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write CASE_probabilities.nii.gz (classes on the last axis)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")

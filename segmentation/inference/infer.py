@@ -43,6 +43,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def available_gpu_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on ``device``.
+
+    The card's free memory plus what our allocator holds unused, within any
+    ``torch.cuda.set_per_process_memory_fraction`` cap.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated
+    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+    return max(min(free + cached, cap), 0)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" → "bf16" on a GPU with bf16 support, else "fp32"; the others are checked."""
+    if precision == "auto":
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if gpu_bf16 else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision {precision}: choose auto, fp32 or bf16")
+    return precision
+
+
 def sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
@@ -72,12 +95,14 @@ class Segmenter:
         tta: mirror test-time augmentation over all spatial axes.
         device: "auto", "cpu" or "cuda".
         batch_size: windows per forward pass; default: as trained.
+        precision: "auto" (bf16 autocast on a GPU that supports it, else fp32), "fp32" or
+            "bf16"; logits are stitched in float32 either way.
         note: receives one-line remarks for the user (e.g. "logits stitched on the CPU").
     """
 
     def __init__(self, checkpoint: str | Path, *, overlap: float | None = None,
                  tta: bool = False, device: str = "auto", batch_size: int | None = None,
-                 note: Callable[[str], None] | None = None) -> None:
+                 precision: str = "auto", note: Callable[[str], None] | None = None) -> None:
         if overlap is not None and not 0 <= overlap < 1:
             raise ValueError(f"--overlap {overlap}: choose a fraction in [0, 1), e.g. 0.5")
         if batch_size is not None and batch_size < 1:
@@ -95,6 +120,9 @@ class Segmenter:
         self.overlap = module.hparams.overlap if overlap is None else overlap
         self.batch_size = batch_size or module.hparams.sw_batch_size
         self.tta = tta
+        self.precision = resolve_precision(precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # windows all have one shape: tune once
         self.patch_size = tuple(module.hparams.patch_size)
         self.slice_axis = module.hparams.slice_axis
         self.in_channels = getattr(self.net, "in_channels", None)
@@ -108,16 +136,18 @@ class Segmenter:
         """
         out_device: torch.device | str = self.device
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            needed = classes * voxels * 4  # float32 logits, (K, *S)
+            free = available_gpu_memory(self.device)
+            # float32 logits (K, *S), their TTA sum, the Gaussian normaliser and the scan
+            needed = (classes * (2 if self.tta else 1) + 2) * voxels * 4
             if needed > _GPU_BUFFER_FRACTION * free:
                 out_device = "cpu"
-                self.note(f"logits of {needed / 2**30:.1f} GiB would take more than "
+                self.note(f"stitching buffers of {needed / 2**30:.1f} GiB would take more than "
                           f"{_GPU_BUFFER_FRACTION:.0%} of the free GPU memory "
                           f"({free / 2**30:.1f} GiB): stitching them on the CPU")
         return Predictor(self.net, self.patch_size, overlap=self.overlap,
                          batch_size=self.batch_size, mirror=self.tta,
-                         slice_axis=self.slice_axis, out_device=out_device)
+                         slice_axis=self.slice_axis, out_device=out_device,
+                         precision=self.precision)
 
     def probabilities(self, case: Case,
                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

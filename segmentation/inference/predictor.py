@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
+from segmentation.inference.sliding_window import sliding_window
 from segmentation.inference.tiling import overlap_tile
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Predictor:
@@ -17,8 +20,9 @@ class Predictor:
 
     "valid"-padding networks (those with ``padding == "valid"`` and ``output_shape``) are run by
     overlap-tile, exact stitching of mirror-padded tiles; every other network (our "same" U-Net
-    or any MONAI network) by MONAI's sliding window with Gaussian blending. A 2D network given a
-    3D scan segments it slice by slice along ``slice_axis``.
+    or any MONAI network) by a sliding window with Gaussian blending (MONAI's windows and
+    weights, our stitching). A 2D network given a 3D scan segments it slice by slice along
+    ``slice_axis``.
 
     Args:
         net: the network (eval mode is the caller's business).
@@ -28,12 +32,20 @@ class Predictor:
         mirror: mirror test-time augmentation: average logits over flips of every spatial axis.
         slice_axis: for a 2D network on 3D scans, the axis slices are taken along.
         out_device: device of the stitched logits ("cpu" for large scans on a GPU).
+        precision: "fp32", "bf16" or "fp16" runs the network under that autocast (logits are
+            stitched in float32 either way); None leaves the caller's autocast as it is.
+        channels_last: feed windows in channels-last memory format (for a network converted
+            with ``net.to(memory_format=...)``; faster convolutions on recent GPUs).
     """
 
     def __init__(self, net: nn.Module, patch_size: Sequence[int], *, overlap: float = 0.5,
                  batch_size: int = 2, mirror: bool = False, slice_axis: int | None = None,
-                 out_device: torch.device | str | None = None) -> None:
+                 out_device: torch.device | str | None = None, precision: str | None = None,
+                 channels_last: bool = False) -> None:
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose one of {sorted(PRECISIONS)}")
         self.net, self.patch_size = net, tuple(int(s) for s in patch_size)
+        self.precision, self.channels_last = precision, channels_last
         self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
         self.slice_axis, self.out_device = slice_axis, out_device
         self.valid = getattr(net, "padding", "same") == "valid"
@@ -51,37 +63,72 @@ class Predictor:
         Returns:
             (N, K, *S) logits.
         """
-        if image.ndim - 2 == len(self.patch_size) + 1:  # 2D network, 3D scan
-            return self._slice_by_slice(image)
+        with self._autocast(image.device):
+            if image.ndim - 2 == len(self.patch_size) + 1:  # 2D network, 3D scan
+                return self._slice_by_slice(image, progress)
+            return self._mirrored(image, progress)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.precision is None:
+            return contextlib.nullcontext()
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def _mirrored(self, image: torch.Tensor, progress: Callable[[int, int], None] | None
+                  ) -> torch.Tensor:
+        """Logits of ``_windows``, averaged over the flips of every spatial axis with ``mirror``.
+
+        Progress counts the windows of all passes together.
+        """
         if not self.mirror:
             return self._windows(image, progress)
         spatial_axes = range(2, image.ndim)
         flips = [axes for r in range(len(spatial_axes) + 1)
                  for axes in itertools.combinations(spatial_axes, r)]
-        total = None
-        for axes in flips:
-            logits = self._windows(image.flip(axes) if axes else image, progress)
+        total: torch.Tensor | None = None
+        for index, axes in enumerate(flips):
+            def report(done: int, count: int, index: int = index) -> None:
+                if progress is not None:
+                    progress(index * count + done, len(flips) * count)
+
+            logits = self._windows(image.flip(axes) if axes else image, report)
             logits = logits.flip(axes) if axes else logits
-            total = logits if total is None else total + logits
-        return total / len(flips)
+            if total is None:
+                total = logits
+            else:
+                total += logits
+        assert total is not None
+        return total.div_(len(flips))
 
     def _windows(self, image: torch.Tensor, progress: Callable[[int, int], None] | None
                  ) -> torch.Tensor:
         if self.valid:
-            return overlap_tile(self.net, image, self.patch_size,
+            return overlap_tile(self._network, image, self.patch_size,
                                 self.net.output_shape(self.patch_size), self.net.depth,
                                 batch_size=self.batch_size, out_device=self.out_device,
                                 progress=progress)
-        return sliding_window_inference(image, self.patch_size, self.batch_size, self.net,
-                                        overlap=self.overlap, mode="gaussian",
-                                        device=self.out_device)
+        return sliding_window(self._network, image, self.patch_size, overlap=self.overlap,
+                              batch_size=self.batch_size, out_device=self.out_device,
+                              progress=progress)
 
-    def _slice_by_slice(self, image: torch.Tensor) -> torch.Tensor:
+    def _network(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d if windows.ndim == 5
+                                         else torch.channels_last)
+        return self.net(windows)
+
+    def _slice_by_slice(self, image: torch.Tensor,
+                        progress: Callable[[int, int], None] | None) -> torch.Tensor:
+        """A 2D network over the slices of 3D scans; progress counts slices."""
         axis = 2 + (self.slice_axis or 0)
         outputs = []
+        count = image.shape[0] * image.shape[axis]
         for n in range(image.shape[0]):
             slices = image[n].movedim(axis - 1, 0)                # (S_a, C, h, w)
-            logits = torch.cat([self._windows(slices[i:i + self.batch_size], None)
-                                for i in range(0, slices.shape[0], self.batch_size)])
-            outputs.append(logits.movedim(0, axis - 1))           # (K, *S)
+            chunks = []
+            for first in range(0, slices.shape[0], self.batch_size):
+                chunks.append(self._mirrored(slices[first:first + self.batch_size], None))
+                if progress is not None:
+                    progress(n * image.shape[axis] + first + chunks[-1].shape[0], count)
+            outputs.append(torch.cat(chunks).movedim(0, axis - 1))  # (K, *S)
         return torch.stack(outputs)

@@ -106,7 +106,8 @@ def overlap_tile(
             logits = net(tiles)                                   # (B, K, *output_size)
             if out is None:
                 out = torch.empty((image.shape[0], logits.shape[1], *covered),
-                                  dtype=logits.dtype, device=out_device)
+                                  dtype=torch.promote_types(logits.dtype, torch.float32),
+                                  device=out_device)
             for offset, tile in zip(batch_offsets, logits, strict=True):
                 region = (n, slice(None)) + tuple(slice(o, o + s) for o, s in
                                                   zip(offset, output_size, strict=True))
