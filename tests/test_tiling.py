@@ -9,7 +9,7 @@ import torch
 
 from segmentation import UNet
 from segmentation.inference.predictor import Predictor
-from segmentation.inference.tiling import mirror_pad, overlap_tile, tile_step
+from segmentation.inference.tiling import inference_tile, mirror_pad, overlap_tile, tile_step
 
 
 def whole_pass(net: UNet, image: torch.Tensor, input_size, output_size) -> torch.Tensor:
@@ -83,3 +83,39 @@ def test_predictor_runs_a_2d_network_slice_by_slice():
         direct = Predictor(net, (16, 16))(image[:, :, 3])
     assert logits.shape == (1, 2, 5, 20, 24)
     assert torch.allclose(logits[:, :, 3], direct, atol=1e-5)
+
+
+def test_larger_inference_tiles_give_the_same_logits_where_the_net_allows():
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, features=(4, 8, 16),
+               padding="valid", norm="batch").eval()
+    patch = net.valid_input_shape((36, 36, 36))  # output 4×4×4: mostly margin
+    scan = (30, 41, 19)
+    tile = inference_tile(net, patch, scan, max_scale=4.0)
+    assert all(t >= p for t, p in zip(tile, patch, strict=True)) and tile != patch
+    assert math.prod(tile) <= 4 * math.prod(patch)
+    image = torch.randn(1, 1, *scan)
+    with torch.no_grad():
+        large = Predictor(net, patch, tile_scale=4.0)(image)
+        trained = Predictor(net, patch, tile_scale=1.0)(image)
+    assert (large - trained).abs().max().item() < 1e-4
+
+
+def test_inference_tiles_stay_as_trained_where_the_tile_changes_the_output():
+    patch_min = (36, 36)
+    instance = UNet(spatial_dims=2, features=(4, 8), padding="valid", norm="instance").eval()
+    patch = instance.valid_input_shape(patch_min)
+    assert inference_tile(instance, patch, (500, 500)) == patch  # statistics over the tile
+    batch = UNet(spatial_dims=2, features=(4, 8), padding="valid", norm="batch")
+    assert inference_tile(batch.train(), patch, (500, 500)) == patch  # batch statistics
+    assert inference_tile(batch.eval(), patch, (500, 500)) != patch
+    assert inference_tile(batch, patch, (5, 5)) == patch  # the scan fits one tile already
+    assert inference_tile(batch, patch, (500, 500), max_scale=1.0) == patch
+
+
+def test_the_3d_valid_config_wastes_far_less_with_inference_tiles():
+    net = UNet(spatial_dims=3, features=(64, 128, 256, 512), padding="valid", norm="batch").eval()
+    patch = (132, 132, 116)
+    tile = inference_tile(net, patch, (512, 512, 400))
+    kept = math.prod(net.output_shape(tile)) / math.prod(tile)
+    assert kept > 3 * math.prod(net.output_shape(patch)) / math.prod(patch)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segmentation.inference.sliding_window import sliding_window
-from segmentation.inference.tiling import overlap_tile
+from segmentation.inference.tiling import inference_tile, overlap_tile
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,16 +36,20 @@ class Predictor:
             stitched in float32 either way); None leaves the caller's autocast as it is.
         channels_last: feed windows in channels-last memory format (for a network converted
             with ``net.to(memory_format=...)``; faster convolutions on recent GPUs).
+        tile_scale: "valid" networks: tiles up to this many training patches (voxels) where the
+            network's output does not depend on the tile (see ``inference_tile``); 1 keeps
+            the training patch.
     """
 
     def __init__(self, net: nn.Module, patch_size: Sequence[int], *, overlap: float = 0.5,
                  batch_size: int = 2, mirror: bool = False, slice_axis: int | None = None,
                  out_device: torch.device | str | None = None, precision: str | None = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, tile_scale: float = 4.0) -> None:
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {sorted(PRECISIONS)}")
         self.net, self.patch_size = net, tuple(int(s) for s in patch_size)
         self.precision, self.channels_last = precision, channels_last
+        self.tile_scale = tile_scale
         self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
         self.slice_axis, self.out_device = slice_axis, out_device
         self.valid = getattr(net, "padding", "same") == "valid"
@@ -103,8 +107,9 @@ class Predictor:
     def _windows(self, image: torch.Tensor, progress: Callable[[int, int], None] | None
                  ) -> torch.Tensor:
         if self.valid:
-            return overlap_tile(self._network, image, self.patch_size,
-                                self.net.output_shape(self.patch_size), self.net.depth,
+            tile = inference_tile(self.net, self.patch_size, image.shape[2:], self.tile_scale)
+            return overlap_tile(self._network, image, tile, self.net.output_shape(tile),
+                                self.net.depth,
                                 batch_size=self.batch_size, out_device=self.out_device,
                                 progress=progress)
         return sliding_window(self._network, image, self.patch_size, overlap=self.overlap,
