@@ -6,8 +6,9 @@ gives its speed-up over MONAI's and the largest logit difference between the two
 "segmentation_predictor" (the network as given) and, with --channels-last (default on a GPU),
 "segmentation_predictor_channels_last" (a copy of the network converted to channels-last
 memory format, windows fed channels-last) and, with --compile, "segmentation_predictor_compiled"
-(torch.compile of the network; compilation happens in the untimed warm-up run). A further line
-times the overlap-tile path on a "valid"-convolution U-Net (MONAI has no peer for it).
+(torch.compile of the network; compilation happens in the untimed warm-up run). Further lines
+time the overlap-tile path of a "valid"-convolution U-Net (MONAI has no peer for it) with tiles
+of the training patch and with the larger inference tiles, and their ratio.
 
 --large runs `segmentation infer`'s whole path (load, preprocess, predict, invert, write) on a
 CT-sized 512×512×400 scan at its native spacing, and reports seconds and peak memory: on a GPU
@@ -47,7 +48,7 @@ from segmentation.data.layout import Case
 from segmentation.data.preprocessing import Preprocessing
 from segmentation.inference.infer import Segmenter
 from segmentation.inference.predictor import Predictor
-from segmentation.inference.tiling import overlap_tile
+from segmentation.inference.tiling import inference_tile
 from segmentation.training.module import SegmentationModule
 
 
@@ -99,8 +100,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gb", type=float, default=16.0,
                         help="--large on a GPU: cap this process's GPU memory (default 16)")
     parser.add_argument("--valid", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time overlap-tile with a valid network (3 poolings on a GPU, "
-                             "2 on the CPU, where 156³ tiles would take minutes)")
+                        help="also time overlap-tile with a valid network trained on --roi "
+                             "patches (3 poolings on a GPU, 2 on the CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -168,28 +169,39 @@ def main() -> None:
 
 def valid_overlap_tile(image: torch.Tensor, roi: tuple[int, ...], sw_batch_size: int,
                        autocast: torch.autocast, repeats: int, common: dict) -> None:
-    """Time overlap-tile on a valid-convolution U-Net over ``image``."""
+    """Overlap-tile on a valid-convolution U-Net: training-patch tiles against inference tiles.
+
+    MONAI has no peer for this path; the peer is our own overlap-tile with tiles of the training
+    patch (``tile_scale=1``), against tiles grown up to 4 training patches (the default).
+    """
     device, gpu = image.device, image.device.type == "cuda"
-    # A valid-convolution network (3D U-Net-like), run by overlap-tile; MONAI has no peer for
-    # it. Its tiles are as large as needed for an output of the window size.
     features = [32, 64, 128, 256] if gpu else [32, 64, 128]
     valid = UNet(spatial_dims=3, in_channels=1, out_channels=3, features=features,
                  padding="valid", norm="batch").to(device).eval()
-    tile = valid.input_shape_for_output(roi)
-    out_tile = valid.output_shape(tile)
+    patch = valid.valid_input_shape(roi)  # the "training patch"
+    seconds, outputs = {}, {}
+    for name, scale in (("overlap_tile_training_patch", 1.0), ("overlap_tile_inference_tile", 4.0)):
+        predictor = Predictor(valid, patch, batch_size=sw_batch_size, tile_scale=scale)
 
-    def tile_run() -> torch.Tensor:
-        with torch.inference_mode(), autocast:
-            return overlap_tile(valid, image, tile, out_tile, valid.depth,
-                                batch_size=sw_batch_size)
+        def tile_run(predictor: Predictor = predictor) -> torch.Tensor:
+            with torch.inference_mode(), autocast:
+                return predictor(image)
 
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    times, _ = timed(tile_run, device, repeats)
-    emit({"benchmark": "valid_padding_overlap_tile", "method": "segmentation_overlap_tile",
-          "features": features, "input_tile": tile, "output_tile": out_tile,
-          "seconds_per_volume": round(statistics.median(times), 4),
-          "peak_memory_mb": round(peak_memory_mb(device), 1), **common})
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        times, outputs[name] = timed(tile_run, device, repeats)
+        seconds[name] = statistics.median(times)
+        tile = inference_tile(valid, patch, image.shape[2:], scale)
+        emit({"benchmark": "valid_padding_overlap_tile", "method": name, "features": features,
+              "input_tile": tile, "output_tile": valid.output_shape(tile),
+              "seconds_per_volume": round(seconds[name], 4),
+              "peak_memory_mb": round(peak_memory_mb(device), 1), **common})
+    emit({"benchmark": "valid_padding_overlap_tile", "method": "ratio",
+          "speedup_vs_training_patch": round(seconds["overlap_tile_training_patch"]
+                                             / seconds["overlap_tile_inference_tile"], 3),
+          "max_abs_logit_difference": (outputs["overlap_tile_training_patch"]
+                                       - outputs["overlap_tile_inference_tile"]
+                                       ).abs().max().item(), **common})
 
 
 def large_volume(device: torch.device, shape: tuple[int, ...], overlap: float, dtype: str,
