@@ -242,7 +242,8 @@ def test_precision_choice_and_cpu_stitching_when_the_gpu_would_not_hold_the_buff
     cpu = torch.device("cpu")
     assert infer_module.resolve_precision("auto", cpu) == "fp32"
     assert infer_module.resolve_precision("bf16", cpu) == "bf16"
-    with pytest.raises(ValueError, match="--precision fp8: choose auto, fp32 or bf16"):
+    assert infer_module.resolve_precision("fp16", cpu) == "fp16"
+    with pytest.raises(ValueError, match="--precision fp8: choose auto, fp32, bf16 or fp16"):
         infer_module.resolve_precision("fp8", cpu)
 
     notes: list[str] = []

@@ -99,9 +99,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="network arithmetic: auto = bf16 on a GPU that supports it, else "
-                             "fp32 (logits are blended in float32 either way)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="network arithmetic: auto = bf16 on a GPU that supports it, fp16 on "
+                             "older GPUs, fp32 on the CPU (logits are blended in float32)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write CASE_probabilities.nii.gz (classes on the last axis)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -57,12 +57,13 @@ def available_gpu_memory(device: torch.device) -> int:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" → "bf16" on a GPU with bf16 support, else "fp32"; the others are checked."""
+    """"auto" → "bf16" on a GPU that supports it, "fp16" on an older GPU, "fp32" on the CPU."""
     if precision == "auto":
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if gpu_bf16 else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision {precision}: choose auto, fp32 or bf16")
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
     return precision
 
 
@@ -95,8 +96,8 @@ class Segmenter:
         tta: mirror test-time augmentation over all spatial axes.
         device: "auto", "cpu" or "cuda".
         batch_size: windows per forward pass; default: as trained.
-        precision: "auto" (bf16 autocast on a GPU that supports it, else fp32), "fp32" or
-            "bf16"; logits are stitched in float32 either way.
+        precision: "auto" (bf16 autocast on a GPU that supports it, fp16 on older GPUs, fp32
+            on the CPU), "fp32", "bf16" or "fp16"; logits are stitched in float32 either way.
         note: receives one-line remarks for the user (e.g. "logits stitched on the CPU").
     """
 
