@@ -103,7 +103,7 @@ def test_outputs_keep_each_scans_geometry_and_structures_stay_in_place(dataset, 
         data = transform({"image": str(scan), "label": str(label)})
         pairs.append((data["image"].as_tensor(), data["label"].as_tensor()))
     monkeypatch.setattr(Segmenter, "predictor",
-                        lambda self, voxels, classes: LabelOracle(pairs, classes))
+                        lambda self, voxels, classes, channels=1: LabelOracle(pairs, classes))
 
     out = tmp_path / "out"
     assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(dataset / "imagesTs"),
@@ -249,10 +249,45 @@ def test_precision_choice_and_cpu_stitching_when_the_gpu_would_not_hold_the_buff
     notes: list[str] = []
     segmenter = Segmenter(checkpoint, device="cpu", tta=True, note=notes.append)
     segmenter.device = torch.device("cuda")  # decide as if on a GPU; nothing runs on it
-    voxels = 512 * 512 * 400  # (4 classes × 2 for the TTA sum + 2) × 4 bytes ≈ 4.1 GB
+    voxels = 512 * 512 * 400  # (4 classes × 3 with TTA + normaliser + 2 scan copies) × 4 B
     monkeypatch.setattr(infer_module, "available_gpu_memory", lambda device: 15 * 2**30)
     assert segmenter.predictor(voxels, 4).out_device == "cpu"  # more than 25% of a 16 GB card
-    assert "stitching them on the CPU" in notes[-1] and "3.9 GiB" in notes[-1]
+    assert "stitching them on the CPU" in notes[-1] and "5.9 GiB" in notes[-1]
     monkeypatch.setattr(infer_module, "available_gpu_memory", lambda device: 75 * 2**30)
     assert segmenter.predictor(voxels, 4).out_device == torch.device("cuda")
     assert len(notes) == 1
+
+
+def test_gpu_choices_without_a_gpu(monkeypatch):
+    """auto precision follows the card's generation; memory queries get a device index."""
+    cuda = torch.device("cuda")  # no index, as resolve_device("auto") gives it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert infer_module.resolve_precision("auto", cuda) == "fp16"  # V100, T4: no native bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert infer_module.resolve_precision("auto", cuda) == "bf16"
+
+    def expects_index(value):
+        def query(device):
+            assert isinstance(device, int), device  # some torch.cuda calls reject "cuda"
+            return value
+        return query
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", expects_index((10 * 2**30, 16 * 2**30)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", expects_index(2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", expects_index(3 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", expects_index(0.5))
+    # free 10 GiB + 2 GiB cached by us, but capped at half the card less what we hold: 7 GiB
+    assert infer_module.available_gpu_memory(cuda) == 7 * 2**30
+
+
+def test_non_finite_logits_fail_the_scan_with_advice(dataset, checkpoint, tmp_path, monkeypatch,
+                                                     capsys):
+    monkeypatch.setattr(Segmenter, "predictor", lambda self, voxels, classes, channels=1:
+                        lambda image, progress=None: torch.full((1, classes, *image.shape[2:]),
+                                                                float("nan")))
+    assert infer("--checkpoint", str(checkpoint), "--input",
+                 str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output",
+                 str(tmp_path / "out")) == 1
+    assert ("the network gave non-finite logits; check the scan's intensities"
+            in capsys.readouterr().err)

@@ -49,10 +49,11 @@ def available_gpu_memory(device: torch.device) -> int:
     The card's free memory plus what our allocator holds unused, within any
     ``torch.cuda.set_per_process_memory_fraction`` cap.
     """
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    cached = torch.cuda.memory_reserved(device) - allocated
-    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    cached = torch.cuda.memory_reserved(index) - allocated
+    cap = int(torch.cuda.get_per_process_memory_fraction(index) * total) - allocated
     return max(min(free + cached, cap), 0)
 
 
@@ -61,7 +62,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 from Ampere (compute capability 8) on; is_bf16_supported() also counts
+        # emulation, which is slow on V100/T4
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
     return precision
@@ -128,18 +131,21 @@ class Segmenter:
         self.slice_axis = module.hparams.slice_axis
         self.in_channels = getattr(self.net, "in_channels", None)
 
-    def predictor(self, voxels: int, classes: int) -> Predictor:
+    def predictor(self, voxels: int, classes: int, channels: int = 1) -> Predictor:
         """The shared whole-scan predictor, stitching on the CPU when the GPU would not hold it.
 
         Args:
             voxels: voxels of the preprocessed scan.
             classes: K, the network's output channels.
+            channels: C, the scan's channels.
         """
         out_device: torch.device | str = self.device
         if self.device.type == "cuda":
             free = available_gpu_memory(self.device)
-            # float32 logits (K, *S), their TTA sum, the Gaussian normaliser and the scan
-            needed = (classes * (2 if self.tta else 1) + 2) * voxels * 4
+            # float32 (K, *S) buffers at the peak: the logits and their softmax; with TTA the
+            # running sum, one pass's logits and their flipped copy. Plus the Gaussian
+            # normaliser, and the scan and its flipped copy.
+            needed = (classes * (3 if self.tta else 2) + 1 + 2 * channels) * voxels * 4
             if needed > _GPU_BUFFER_FRACTION * free:
                 out_device = "cpu"
                 self.note(f"stitching buffers of {needed / 2**30:.1f} GiB would take more than "
@@ -164,9 +170,13 @@ class Segmenter:
             raise ValueError(f"{case.images[0]}: {image.shape[0]} channel(s), but the model "
                              f"expects {self.in_channels}")
         classes = getattr(self.net, "out_channels", len(self.label_names))
-        predictor = self.predictor(int(np.prod(image.shape[1:])), classes)
+        predictor = self.predictor(int(np.prod(image.shape[1:])), classes, image.shape[0])
         with torch.inference_mode():
             logits = predictor(image.as_tensor()[None].to(self.device), progress)[0]  # (K, *S')
+        if not torch.isfinite(logits).all():
+            advice = ("check the scan's intensities and the checkpoint" if self.precision == "fp32"
+                      else f"they overflowed in {self.precision}: rerun with --precision fp32")
+            raise ValueError(f"{case.images[0]}: the network gave non-finite logits; {advice}")
         probabilities = torch.softmax(logits.float(), dim=0).cpu()            # (K, *S')
         del logits
         # Invert orientation and spacing on the probabilities with each transform's own (linear)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,7 +39,8 @@ class Predictor:
             with ``net.to(memory_format=...)``; faster convolutions on recent GPUs).
         tile_scale: "valid" networks: tiles up to this many training patches (voxels) where the
             network's output does not depend on the tile (see ``inference_tile``); 1 keeps
-            the training patch.
+            the training patch. Larger tiles go fewer to a pass (at least one), so a pass
+            reads about ``batch_size`` training patches' voxels, at most ``tile_scale``.
     """
 
     def __init__(self, net: nn.Module, patch_size: Sequence[int], *, overlap: float = 0.5,
@@ -108,9 +110,10 @@ class Predictor:
                  ) -> torch.Tensor:
         if self.valid:
             tile = inference_tile(self.net, self.patch_size, image.shape[2:], self.tile_scale)
+            # fewer tiles per pass as they grow: a pass reads about as much as trained batches
+            batch = max(1, round(self.batch_size * math.prod(self.patch_size) / math.prod(tile)))
             return overlap_tile(self._network, image, tile, self.net.output_shape(tile),
-                                self.net.depth,
-                                batch_size=self.batch_size, out_device=self.out_device,
+                                self.net.depth, batch_size=batch, out_device=self.out_device,
                                 progress=progress)
         return sliding_window(self._network, image, self.patch_size, overlap=self.overlap,
                               batch_size=self.batch_size, out_device=self.out_device,

@@ -53,8 +53,9 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 @lru_cache(maxsize=4)
 def importance_map(window: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """MONAI's Gaussian importance map, (1, *window) float32 on ``device``; cached."""
-    return compute_importance_map(window, mode="gaussian", sigma_scale=SIGMA_SCALE,
-                                  device=device, dtype=torch.float32)[None]
+    with torch.inference_mode(False):  # a normal tensor, usable later with autograd on
+        return compute_importance_map(window, mode="gaussian", sigma_scale=SIGMA_SCALE,
+                                      device=device, dtype=torch.float32)[None]
 
 
 def _regions(spatial: Sequence[int], window: Sequence[int], overlap: float
@@ -117,7 +118,7 @@ def sliding_window(
                               device=out_device)
         for (n, region), tile in zip(batch, logits, strict=True):
             target = out[(n, slice(None), *region)]                # (K, *window), a view
-            if out_device == tile.device:
+            if out.device == tile.device:  # (torch.device("cuda") != torch.device("cuda:0"))
                 target.addcmul_(tile, importance)                  # fused: out += tile * w
             else:
                 target += (tile.float() * importance).to(out_device)

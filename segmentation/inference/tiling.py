@@ -107,19 +107,20 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
         return patch
     output = net.output_shape(patch)
     budget = max_scale * math.prod(patch)
-    candidates, factor, previous = [patch], 1.0, list(output)
-    while True:
+    largest = [max(o, s) for o, s in zip(output, scan_shape, strict=True)]
+    candidates, factor, want = [patch], 1.0, list(output)
+    while want != largest:  # until every axis reaches the scan
         factor *= 1.1
-        want = [max(o, min(s, math.ceil(o * factor))) for o, s in
-                zip(output, scan_shape, strict=True)]
-        if want == previous:  # every axis reached the scan
-            break
+        grown = [max(o, min(s, math.ceil(o * factor))) for o, s in
+                 zip(output, scan_shape, strict=True)]
+        if grown == want:  # small outputs: ×1.1 may not add a voxel yet
+            continue
+        want = grown
         tile = tuple(max(t, p) for t, p in zip(net.input_shape_for_output(want), patch,
                                                 strict=True))
         if math.prod(tile) > budget:
             break
         candidates.append(tile)
-        previous = want
 
     def voxels_read(tile: tuple[int, ...]) -> int:
         counts = _tile_counts(scan_shape, net.output_shape(tile), net.depth)
