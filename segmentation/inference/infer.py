@@ -142,10 +142,10 @@ class Segmenter:
         out_device: torch.device | str = self.device
         if self.device.type == "cuda":
             free = available_gpu_memory(self.device)
-            # float32 (K, *S) buffers at the peak: the logits and their softmax; with TTA the
-            # running sum, one pass's logits and their flipped copy. Plus the Gaussian
+            # float32 (K, *S) buffers at the peak: the logits (softmax is in place); with TTA
+            # the running sum, one pass's logits and their flipped copy. Plus the Gaussian
             # normaliser, and the scan and its flipped copy.
-            needed = (classes * (3 if self.tta else 2) + 1 + 2 * channels) * voxels * 4
+            needed = (classes * (3 if self.tta else 1) + 1 + 2 * channels) * voxels * 4
             if needed > _GPU_BUFFER_FRACTION * free:
                 out_device = "cpu"
                 self.note(f"stitching buffers of {needed / 2**30:.1f} GiB would take more than "
@@ -173,17 +173,20 @@ class Segmenter:
         predictor = self.predictor(int(np.prod(image.shape[1:])), classes, image.shape[0])
         with torch.inference_mode():
             logits = predictor(image.as_tensor()[None].to(self.device), progress)[0]  # (K, *S')
-        if not torch.isfinite(logits).all():
-            advice = ("check the scan's intensities and the checkpoint" if self.precision == "fp32"
-                      else f"they overflowed in {self.precision}: rerun with --precision fp32")
-            raise ValueError(f"{case.images[0]}: the network gave non-finite logits; {advice}")
-        probabilities = torch.softmax(logits.float(), dim=0).cpu()            # (K, *S')
-        del logits
-        # Invert orientation and spacing on the probabilities with each transform's own (linear)
-        # interpolation, then take the argmax: smoother, better-placed boundaries than
-        # nearest-neighbour resampling of a label map.
-        inverted = self.transform.inverse({"image": MetaTensor(
-            probabilities, meta=image.meta, applied_operations=image.applied_operations)})
+            if not torch.isfinite(logits.sum()):  # NaN and ±inf survive a sum: no (K, *S') mask
+                advice = ("check the scan's intensities and the checkpoint"
+                          if self.precision == "fp32"
+                          else f"they overflowed in {self.precision}: rerun with --precision fp32")
+                raise ValueError(f"{case.images[0]}: the network gave non-finite logits; {advice}")
+            # softmax in place: a CT-sized scan's logits are gigabytes (float32, our own buffer)
+            probabilities = logits.sub_(logits.amax(0, keepdim=True)).exp_()   # (K, *S')
+            probabilities = probabilities.div_(probabilities.sum(0, keepdim=True)).cpu()
+            del logits
+            # Invert orientation and spacing on the probabilities with each transform's own
+            # (linear) interpolation, then take the argmax: smoother, better-placed boundaries
+            # than nearest-neighbour resampling of a label map.
+            inverted = self.transform.inverse({"image": MetaTensor(
+                probabilities, meta=image.meta, applied_operations=image.applied_operations)})
         return torch.as_tensor(inverted["image"]).float()                 # (K, *S)
 
     def segment(self, case: Case, output_dir: Path, *, save_probabilities: bool = False,
