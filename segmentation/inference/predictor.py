@@ -52,6 +52,7 @@ class Predictor:
         self.net, self.patch_size = net, tuple(int(s) for s in patch_size)
         self.precision, self.channels_last = precision, channels_last
         self.tile_scale = tile_scale
+        self._tiles: dict[tuple[int, ...], tuple[int, ...]] = {}  # scan shape → tile
         self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
         self.slice_axis, self.out_device = slice_axis, out_device
         self.valid = getattr(net, "padding", "same") == "valid"
@@ -109,7 +110,11 @@ class Predictor:
     def _windows(self, image: torch.Tensor, progress: Callable[[int, int], None] | None
                  ) -> torch.Tensor:
         if self.valid:
-            tile = inference_tile(self.net, self.patch_size, image.shape[2:], self.tile_scale)
+            shape = tuple(image.shape[2:])
+            if shape not in self._tiles:  # TTA passes and slice batches share one search
+                self._tiles[shape] = inference_tile(self.net, self.patch_size, shape,
+                                                    self.tile_scale)
+            tile = self._tiles[shape]
             # fewer tiles per pass as they grow: a pass reads about as much as trained batches
             batch = max(1, round(self.batch_size * math.prod(self.patch_size) / math.prod(tile)))
             return overlap_tile(self._network, image, tile, self.net.output_shape(tile),

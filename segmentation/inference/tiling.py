@@ -86,15 +86,16 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
     """The input tile for overlap-tile prediction of one scan: the cheapest that is allowed.
 
     A valid network spends much of each pass on the margin it crops away (Çiçek et al.'s
-    132×132×116 → 44×44×28 keeps under 3 % of what it reads), so larger tiles waste less. The
-    candidates grow the output tile by one factor on every axis (no further than the scan)
-    while the input tile stays within ``max_scale`` times the training patch's voxels
-    (activation memory grows with it); the one reading the fewest voxels over the whole scan
-    wins. Only for :func:`tile_independent` networks, where any tile gives the same logits;
-    others keep the training patch.
+    132×132×116 → 44×44×28 keeps under 3 % of what it reads), so larger tiles waste less.
+    Among the valid tiles at least the training patch on every axis and at most ``max_scale``
+    times its voxels (activation memory grows with the tile), this returns the one that reads
+    the fewest voxels over the whole scan (ties: the smaller tile). The voxels read are a
+    product over axes (tiles per axis × tile length), so each axis contributes its own list of
+    sizes and the search is over their combinations. Only for :func:`tile_independent`
+    networks, where any tile gives the same logits; others keep the training patch.
 
     Args:
-        net: a valid-padding network with ``output_shape`` and ``input_shape_for_output``.
+        net: a valid-padding network with ``output_shape`` and ``nearest_valid_sizes``.
         patch_size: the training patch (a valid input tile).
         scan_shape: spatial shape of the scan.
         max_scale: largest input tile, in training patches (voxel count); 1 keeps the patch.
@@ -105,28 +106,38 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
     patch = tuple(int(p) for p in patch_size)
     if max_scale <= 1 or not tile_independent(net):
         return patch
-    output = net.output_shape(patch)
     budget = max_scale * math.prod(patch)
-    largest = [max(o, s) for o, s in zip(output, scan_shape, strict=True)]
-    candidates, factor, want = [patch], 1.0, list(output)
-    while want != largest:  # until every axis reaches the scan
-        factor *= 1.1
-        grown = [max(o, min(s, math.ceil(o * factor))) for o, s in
-                 zip(output, scan_shape, strict=True)]
-        if grown == want:  # small outputs: ×1.1 may not add a voxel yet
+    options = [_axis_options(net, patch, axis, int(scan), budget / math.prod(patch) * p)
+               for axis, (p, scan) in enumerate(zip(patch, scan_shape, strict=True))]
+    best: tuple[tuple[int, int], tuple[int, ...]] | None = None
+    for choice in itertools.product(*options):  # (size, voxels read along the axis) per axis
+        tile = tuple(size for size, _ in choice)
+        voxels = math.prod(tile)
+        if voxels > budget:
             continue
-        want = grown
-        tile = tuple(max(t, p) for t, p in zip(net.input_shape_for_output(want), patch,
-                                                strict=True))
-        if math.prod(tile) > budget:
+        key = (math.prod(read for _, read in choice), voxels)
+        if best is None or key < best[0]:
+            best = (key, tile)
+    assert best is not None  # the patch itself is always a choice
+    return best[1]
+
+
+def _axis_options(net: nn.Module, patch: tuple[int, ...], axis: int, scan: int,
+                  largest: float) -> list[tuple[int, int]]:
+    """Valid input sizes along one axis, each with the voxels read along it (tiles × size).
+
+    From the patch's size up to ``largest``, or to the first size whose output covers the scan.
+    """
+    options, size = [], patch[axis]
+    while size is not None and size <= largest:
+        shape = patch[:axis] + (size,) + patch[axis + 1:]
+        output = net.output_shape(shape)[axis]
+        count = _tile_counts([scan], [output], net.depth)[0]
+        options.append((size, count * size))
+        if output >= scan:
             break
-        candidates.append(tile)
-
-    def voxels_read(tile: tuple[int, ...]) -> int:
-        counts = _tile_counts(scan_shape, net.output_shape(tile), net.depth)
-        return math.prod(counts) * math.prod(tile)
-
-    return min(candidates, key=lambda tile: (voxels_read(tile), math.prod(tile)))
+        size = net.nearest_valid_sizes(size + 1)[1]
+    return options
 
 
 def _tile_counts(spatial: Sequence[int], output_size: Sequence[int], depth: int) -> list[int]:
