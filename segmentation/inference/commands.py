@@ -17,6 +17,7 @@ from segmentation.inference.infer import (
     provenance,
     write_provenance,
 )
+from segmentation.inference.predictor import PRECISIONS
 
 
 def run_infer(args: argparse.Namespace) -> int:
@@ -99,7 +100,7 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
                         help="network arithmetic: auto = bf16 on a GPU that supports it, fp16 on "
                              "older GPUs, fp32 on the CPU (logits are blended in float32)")
     parser.add_argument("--save-probabilities", action="store_true",

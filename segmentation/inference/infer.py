@@ -25,7 +25,7 @@ from monai.data import MetaTensor
 
 from segmentation.data.layout import Case
 from segmentation.data.preprocessing import Preprocessing
-from segmentation.inference.predictor import Predictor
+from segmentation.inference.predictor import PRECISIONS, Predictor
 from segmentation.inference.writer import like_reference, save_atomic, write_text_atomic
 from segmentation.training.checkpoint import load_module
 
@@ -65,8 +65,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         # native bf16 from Ampere (compute capability 8) on; is_bf16_supported() also counts
         # emulation, which is slow on V100/T4
         return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
+    if precision not in PRECISIONS:
+        *first, last = PRECISIONS
+        raise ValueError(f"--precision {precision}: choose auto, {', '.join(first)} or {last}")
     return precision
 
 

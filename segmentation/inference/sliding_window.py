@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
+from segmentation.inference.batches import box, run_regions
+
 SIGMA_SCALE = 0.125  # nnU-Net's and MONAI's Gaussian: sigma = window / 8
 
 
@@ -58,11 +60,11 @@ def importance_map(window: tuple[int, ...], device: torch.device) -> torch.Tenso
                                       device=device, dtype=torch.float32)[None]
 
 
-def _regions(spatial: Sequence[int], window: Sequence[int], overlap: float
-             ) -> list[tuple[slice, ...]]:
-    starts = [window_starts(s, w, overlap) for s, w in zip(spatial, window, strict=True)]
-    return [tuple(slice(o, o + w) for o, w in zip(offset, window, strict=True))
-            for offset in itertools.product(*starts)]
+def _starts(spatial: Sequence[int], window: Sequence[int], overlap: float
+            ) -> list[tuple[int, ...]]:
+    """Start offsets of all windows over a (padded) scan."""
+    per_axis = [window_starts(s, w, overlap) for s, w in zip(spatial, window, strict=True)]
+    return list(itertools.product(*per_axis))
 
 
 def sliding_window(
@@ -100,30 +102,23 @@ def sliding_window(
     if any(b or a for b, a in pads):
         image = F.pad(image, [p for pair in reversed(pads) for p in pair])
     padded = tuple(image.shape[2:])
-    regions = _regions(padded, window, overlap)
+    starts = _starts(padded, window, overlap)
     importance = importance_map(window, image.device)               # (1, *window)
     stitch_weight = importance.to(out_device)
     total = torch.zeros((1, *padded), dtype=torch.float32, device=out_device)
-    for region in regions:                                         # the normaliser
-        total[(slice(None), *region)] += stitch_weight
+    for start in starts:                                           # the normaliser
+        total[(slice(None), *box(start, window))] += stitch_weight
 
     out: torch.Tensor | None = None
-    jobs = [(n, region) for n in range(image.shape[0]) for region in regions]
-    for first in range(0, len(jobs), batch_size):
-        batch = jobs[first:first + batch_size]
-        windows = torch.stack([image[(n, slice(None), *region)] for n, region in batch])
-        logits = net(windows)                                      # (B, K, *window)
+    for n, start, tile in run_regions(net, image, starts, window, batch_size, progress):
         if out is None:
-            out = torch.zeros((image.shape[0], logits.shape[1], *padded), dtype=torch.float32,
+            out = torch.zeros((image.shape[0], tile.shape[0], *padded), dtype=torch.float32,
                               device=out_device)
-        for (n, region), tile in zip(batch, logits, strict=True):
-            target = out[(n, slice(None), *region)]                # (K, *window), a view
-            if out.device == tile.device:  # (torch.device("cuda") != torch.device("cuda:0"))
-                target.addcmul_(tile, importance)                  # fused: out += tile * w
-            else:
-                target += (tile.float() * importance).to(out_device)
-        if progress is not None:
-            progress(first + len(batch), len(jobs))
+        target = out[(n, slice(None), *box(start, window))]       # (K, *window), a view
+        if out.device == tile.device:  # (torch.device("cuda") != torch.device("cuda:0"))
+            target.addcmul_(tile, importance)                      # fused: out += tile * w
+        else:
+            target += (tile.float() * importance).to(out_device)
     assert out is not None
     out /= total                                                   # (N, K, *padded)
     crop = tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial, strict=True))

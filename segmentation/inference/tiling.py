@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmentation.inference.batches import box, run_regions
+
 # Layers whose output at a voxel depends on the whole input they are given (statistics over the
 # tile), so predictions depend on where the tiles fall: with them, the tile stays as trained.
 TILE_DEPENDENT_LAYERS = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm,
@@ -76,7 +78,7 @@ def tile_independent(net: nn.Module) -> bool:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
                 module.training or module.running_mean is None):
             return False
-        if isinstance(module, nn.modules.dropout._DropoutNd | nn.Dropout) and module.training:
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
             return False
     return True
 
@@ -184,24 +186,12 @@ def overlap_tile(
                                        for st, n in zip(steps, counts, strict=True)]))
     out: torch.Tensor | None = None
     out_device = image.device if out_device is None else torch.device(out_device)
-    for n in range(image.shape[0]):
-        for first in range(0, len(offsets), batch_size):
-            batch_offsets = offsets[first:first + batch_size]
-            tiles = torch.stack([
-                padded[(n, slice(None)) + tuple(slice(o, o + i) for o, i in
-                                                zip(offset, input_size, strict=True))]
-                for offset in batch_offsets])                     # (B, C, *input_size)
-            logits = net(tiles)                                   # (B, K, *output_size)
-            if out is None:
-                out = torch.empty((image.shape[0], logits.shape[1], *covered),
-                                  dtype=torch.promote_types(logits.dtype, torch.float32),
-                                  device=out_device)
-            for offset, tile in zip(batch_offsets, logits, strict=True):
-                region = (n, slice(None)) + tuple(slice(o, o + s) for o, s in
-                                                  zip(offset, output_size, strict=True))
-                out[region] = tile.to(out_device)
-            if progress is not None:
-                progress(n * len(offsets) + first + len(batch_offsets),
-                         image.shape[0] * len(offsets))
+    # an input tile at ``offset`` of the padded scan predicts the output tile at ``offset``
+    for n, offset, tile in run_regions(net, padded, offsets, input_size, batch_size, progress):
+        if out is None:                                           # tile: (K, *output_size)
+            out = torch.empty((image.shape[0], tile.shape[0], *covered),
+                              dtype=torch.promote_types(tile.dtype, torch.float32),
+                              device=out_device)
+        out[(n, slice(None), *box(offset, output_size))] = tile.to(out_device)
     assert out is not None
     return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
