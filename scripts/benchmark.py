@@ -3,10 +3,12 @@
 Both run in the same process on the same network, volume, window, overlap (0.5) and Gaussian
 blending, and every measurement is one JSON line on stdout; a "ratio" line per variant of ours
 gives its speed-up over MONAI's and the largest logit difference between the two. Variants:
-"segmentation_predictor" (the network as given) and, with --channels-last (default on a GPU),
+"segmentation_predictor" (the network as given), with --compile "segmentation_predictor_compiled"
+(torch.compile of the network with static shapes, as `segmentation infer --compile` runs it;
+compilation happens in the untimed warm-up run) and, with --channels-last,
 "segmentation_predictor_channels_last" (a copy of the network converted to channels-last
-memory format, windows fed channels-last) and, with --compile, "segmentation_predictor_compiled"
-(torch.compile of the network; compilation happens in the untimed warm-up run). Further lines
+memory format, windows fed channels-last; on an H100 channels_last_3d has made bf16 U-Nets
+slower, so it is off unless asked for). Further lines
 time the overlap-tile path of a "valid"-convolution U-Net (MONAI has no peer for it) with tiles
 of the training patch and with the larger inference tiles, and their ratio.
 
@@ -17,7 +19,7 @@ the stitching buffers move to the CPU when they would not fit, so a 16 GB card i
 GPU reference settings (the figure to compare with: MONAI 0.33 s per volume on one H100 with
 the nnU-Net-sized plain network, bf16 autocast):
     python scripts/benchmark.py --device cuda --volume 256 256 256 --roi 128 128 128 \
-        --dtype bf16 --repeats 5
+        --dtype bf16 --repeats 5 --compile
 CPU defaults (volume 96³, windows 64³, fp32, one timed repeat after a warm-up) finish in about
 two minutes on two cores; --large on the CPU takes about six minutes more (294 windows of 128³).
 Peak memory: torch.cuda.max_memory_allocated per method on a GPU; on
@@ -89,8 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs after the warm-up (default 3 on a GPU, 1 on the CPU)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time ours with a channels-last network (default: on a GPU)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time ours with a channels-last network")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with torch.compile(net) (compiled in the warm-up)")
     parser.add_argument("--large", action="store_true",
@@ -127,11 +129,11 @@ def main() -> None:
                                             overlap=args.overlap, mode="gaussian")
 
     variants = {"segmentation_predictor": (net, False)}
-    if args.channels_last if args.channels_last is not None else gpu:
+    if args.channels_last:
         converted = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
         variants["segmentation_predictor_channels_last"] = (converted, True)
     if args.compile:
-        variants["segmentation_predictor_compiled"] = (torch.compile(net), False)
+        variants["segmentation_predictor_compiled"] = (torch.compile(net, dynamic=False), False)
     runs: dict[str, Callable[[], torch.Tensor]] = {"monai_sliding_window": monai_run}
     for name, (variant_net, channels_last) in variants.items():
         predictor = Predictor(variant_net, roi, overlap=args.overlap, batch_size=sw_batch_size,

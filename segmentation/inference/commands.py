@@ -28,6 +28,7 @@ def run_infer(args: argparse.Namespace) -> int:
     try:
         segmenter = Segmenter(checkpoint, overlap=args.overlap, tta=args.tta, device=args.device,
                               batch_size=args.batch_size, precision=args.precision,
+                              compile=args.compile,
                               note=lambda message: console.print(f"note: {message}", markup=False,
                                                                  highlight=False))
         cases = find_case_files(args.input, n_channels=segmenter.in_channels)
@@ -75,6 +76,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
     settings = {"overlap": segmenter.overlap, "tta": args.tta, "device": str(segmenter.device),
                 "batch_size": segmenter.batch_size, "precision": segmenter.precision,
+                "compile": args.compile,
                 "save_probabilities": args.save_probabilities, "overwrite": args.overwrite}
     write_provenance(output_dir, provenance(checkpoint, settings, results, started))
     failed = [r for r in results if r.error]
@@ -103,6 +105,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
                         help="network arithmetic: auto = bf16 on a GPU that supports it, fp16 on "
                              "older GPUs, fp32 on the CPU (logits are blended in float32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network: the first window of each shape compiles "
+                             "(a minute or so on a GPU), the rest run faster; for many scans")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write CASE_probabilities.nii.gz (classes on the last axis)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")

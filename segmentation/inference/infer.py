@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from torch import nn
 
 from segmentation.data.layout import Case
 from segmentation.data.preprocessing import Preprocessing
@@ -102,12 +103,17 @@ class Segmenter:
         batch_size: windows per forward pass; default: as trained.
         precision: "auto" (bf16 autocast on a GPU that supports it, fp16 on older GPUs, fp32
             on the CPU), "fp32", "bf16" or "fp16"; logits are stitched in float32 either way.
+        compile: run the network through ``torch.compile`` (static shapes): each new window
+            shape compiles once (a minute or so for large networks on a GPU), later windows of
+            that shape run fused kernels. Worth it for many scans; on the CPU it needs a C++
+            compiler.
         note: receives one-line remarks for the user (e.g. "logits stitched on the CPU").
     """
 
     def __init__(self, checkpoint: str | Path, *, overlap: float | None = None,
                  tta: bool = False, device: str = "auto", batch_size: int | None = None,
-                 precision: str = "auto", note: Callable[[str], None] | None = None) -> None:
+                 precision: str = "auto", compile: bool = False,
+                 note: Callable[[str], None] | None = None) -> None:
         if overlap is not None and not 0 <= overlap < 1:
             raise ValueError(f"--overlap {overlap}: choose a fraction in [0, 1), e.g. 0.5")
         if batch_size is not None and batch_size < 1:
@@ -119,6 +125,13 @@ class Segmenter:
             raise ValueError(f"{checkpoint}: the checkpoint lacks its preprocessing or patch "
                              "size; it was not written by `segmentation fit`")
         self.net = module.net.to(self.device).eval()
+        # The compiled wrapper forwards attribute reads (padding, output_shape, ...) to the net,
+        # so the Predictor treats it as the net itself. Compiled once here, reused by every scan.
+        self.compile = compile
+        self.network: nn.Module = torch.compile(self.net, dynamic=False) if compile else self.net
+        if compile and self.device.type == "cpu":
+            self.note("--compile on the CPU is usually slower than without (it pays off on a "
+                      "GPU, where it fuses the norm and activation layers)")
         self.label_names = dict(module.label_names)
         self.preprocessing = Preprocessing.from_dict(module.preprocessing)
         self.transform = self.preprocessing.transforms(("image",))
@@ -152,7 +165,7 @@ class Segmenter:
                 self.note(f"stitching buffers of {needed / 2**30:.1f} GiB would take more than "
                           f"{_GPU_BUFFER_FRACTION:.0%} of the free GPU memory "
                           f"({free / 2**30:.1f} GiB): stitching them on the CPU")
-        return Predictor(self.net, self.patch_size, overlap=self.overlap,
+        return Predictor(self.network, self.patch_size, overlap=self.overlap,
                          batch_size=self.batch_size, mirror=self.tta,
                          slice_axis=self.slice_axis, out_device=out_device,
                          precision=self.precision)
