@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,26 @@ from torch import nn
 
 
 def build_network(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate a network from ``{"class_path": ..., "init_args": {...}}``."""
+    """Instantiate a network from ``{"class_path": ..., "init_args": {...}}``.
+
+    Args:
+        spec: the class path of an ``nn.Module`` and its constructor arguments.
+
+    Returns:
+        The network, with freshly initialised weights.
+
+    Raises:
+        ValueError: if ``spec`` names no class or arguments the class does not take.
+    """
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"expected a network as class_path/init_args, got {spec!r}")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--net", type=nn.Module)
-    parsed = parser.parse_object({"net": spec})
+    try:
+        parsed = parser.parse_object({"net": spec})
+    except ArgumentError as err:  # e.g. an init_arg the class does not take
+        raise ValueError(f"network {spec.get('class_path')}: {' '.join(str(err).split())}"
+                         ) from err
     return parser.instantiate_classes(parsed).net
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from segmentation import UNet
-from segmentation.config import load_network
+from segmentation.config import build_network, load_network
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FEATURES = (4, 8, 16)  # depth 2: small enough for 3D on a CPU
@@ -150,12 +151,50 @@ def test_wrong_channels_or_dims_give_clear_errors():
         ({"convs_per_level": [2, 2]}, "convs_per_level has 2 entries"),
         ({"padding": "valid", "downsample": "conv"}, "use downsample='maxpool'"),
         ({"features": [8]}, "at least 2 levels"),
+        ({"features": [4, 0]}, r"features must be ≥ 1 channel at every level, got \[4, 0\]"),
+        ({"in_channels": 0}, "in_channels must be ≥ 1, got 0"),
+        ({"out_channels": 0}, "out_channels must be ≥ 1, got 0"),
+        ({"decoder_convs_per_level": [2, 1]}, "decoder_convs_per_level must be a single int"),
     ],
 )
 def test_bad_arguments_say_what_to_change(kwargs, message):
     base = dict(spatial_dims=2, features=(4, 8, 16))
     with pytest.raises(ValueError, match=message):
         UNet(**{**base, **kwargs})
+
+
+def test_an_unknown_config_argument_is_a_value_error():
+    with pytest.raises(ValueError, match="segmentation.UNet.*'bogus' is not accepted"):
+        build_network({"class_path": "segmentation.UNet", "init_args": {"bogus": 1}})
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_every_trainable_parameter_gets_a_gradient(deep_supervision, padding):
+    """What DDP requires: no parameter that trains may be left out of the loss."""
+    net = UNet(spatial_dims=2, features=(4, 8, 16, 32), padding=padding,
+               deep_supervision=deep_supervision).train()
+    shape = (32, 32) if padding == "same" else net.valid_input_shape((64, 64))
+    outputs = net(torch.randn(2, 1, *shape))
+    loss = sum(o.square().mean() for o in outputs) if deep_supervision else outputs.square().mean()
+    loss.backward()
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+    aux_trainable = [p.requires_grad for p in net.aux_heads.parameters()]
+    assert aux_trainable and all(t == deep_supervision for t in aux_trainable)
+
+
+class WiderUNet(UNet):
+    """A subclass, as a user extending the network would write it."""
+
+
+def test_config_rebuilds_the_same_network_class_and_arguments():
+    net = WiderUNet(spatial_dims=2, features=(4, 8), act="LeakyReLU", long_skips=[False])
+    assert net.config["class_path"] == f"{__name__}.WiderUNet"
+    rebuilt = build_network(net.config)
+    assert type(rebuilt) is WiderUNet and rebuilt.long_skips == (False,)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in net.state_dict().items()}
+    assert UNet(spatial_dims=2, features=(4, 8)).config["class_path"] == "segmentation.UNet"
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -208,9 +247,12 @@ def test_layer_options_build_and_run(options):
     net = UNet(spatial_dims=3, features=(4, 8, 16), **options)
     out = net(torch.randn(2, 1, 9, 10, 11))
     assert out.shape == (2, 2, 9, 10, 11)
-    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
-    if options.get("bias") is False:
-        assert all(c.bias is None for c in convs if c.kernel_size != (1, 1, 1))
+    if options.get("bias") is False:  # every conv and up-conv but the 1×1 output heads
+        heads = {id(m) for m in (net.head, *net.aux_heads)}
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d
+                                                        | torch.nn.ConvTranspose3d)]
+        assert len(convs) > len(heads)
+        assert all(c.bias is None for c in convs if id(c) not in heads)
 
 
 def test_kaiming_initialisation():
@@ -222,7 +264,9 @@ def test_kaiming_initialisation():
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("model/*.yaml")), ids=lambda p: p.name)
-def test_every_network_config_instantiates(path):
+def test_every_network_config_instantiates_with_its_own_arguments(path):
     net = load_network(path)
     assert isinstance(net, UNet)
-    assert net.num_parameters() > 0
+    written = yaml.safe_load(path.read_text())["init_args"]
+    assert {k: net.config["init_args"][k] for k in written} == written
+    assert net.depth == len(written["features"]) - 1

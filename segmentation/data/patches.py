@@ -69,24 +69,26 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
         self._force_foreground = self.R.rand() < self.foreground_fraction
 
     def _pad(self, array: np.ndarray) -> tuple[np.ndarray, list[int]]:
-        """Reflect-pad by the margin, then up to the window size; returns the padding before."""
+        """Mirror-pad by the margin, then up to the window size; returns the padding before.
+
+        numpy's "reflect" (the edge voxel is not repeated) is overlap-tile's mirror padding
+        at inference, so the border context a network learns is the one it is given later.
+        """
         pads = [(0, 0)]
         before = []
         for n, size, margin in zip(array.shape[1:], self.input_size, self.margin, strict=True):
             extra = max(size - (n + 2 * margin), 0)
             pads.append((margin + extra // 2, margin + extra - extra // 2))
             before.append(margin + extra // 2)
-        return np.pad(array, pads, mode="symmetric"), before
+        return np.pad(array, pads, mode="reflect"), before
 
     def _window_start(self, label: np.ndarray, padded_shape: Sequence[int],
-                      before: Sequence[int]) -> list[int]:
+                      before: Sequence[int], foreground_class: int | None) -> list[int]:
         highest = [n - s for n, s in zip(padded_shape, self.input_size, strict=True)]
-        classes = np.unique(label[label > 0]) if self._force_foreground else np.empty((0,))
-        if len(classes) == 0:
+        voxels = (np.argwhere(label[0] == foreground_class) if foreground_class is not None
+                  else np.empty((0, label.ndim - 1)))
+        if len(voxels) == 0:
             return [int(self.R.randint(0, h + 1)) for h in highest]
-        # As nnU-Net: a random foreground class first, then a random voxel of it, so small
-        # structures are seen as often as large ones.
-        voxels = np.argwhere(label[0] == classes[self.R.randint(len(classes))])
         voxel = voxels[self.R.randint(len(voxels))] + np.asarray(before)
         start = []
         for c, h, m, out in zip(voxel, highest, self.margin, self.output_size, strict=True):
@@ -96,18 +98,61 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Return the data with ``image`` and ``label`` cropped to ``input_size``."""
-        d = dict(data)
         self.randomize()
-        image = np.asarray(d[self.image_key], dtype=np.float32)
+        foreground_class = None
+        if self._force_foreground:
+            # As nnU-Net: a random foreground class first, then a random voxel of it, so small
+            # structures are seen as often as large ones.
+            classes = present_classes(np.asarray(data[self.label_key]))
+            if len(classes):
+                foreground_class = int(classes[self.R.randint(len(classes))])
+        return self.crop(data, foreground_class)
+
+    def crop(self, data: Mapping[Hashable, Any], foreground_class: int | None
+             ) -> dict[Hashable, Any]:
+        """Crop a window that shows ``foreground_class``, or a uniform one for None.
+
+        Args:
+            data: ``image`` (C, *S) and ``label`` (1, *S).
+            foreground_class: a label value the label window must contain (a random voxel of
+                it); None, or a class absent from the label, places the window uniformly.
+
+        Returns:
+            The data with ``image`` and ``label`` (C or 1, *input_size) tensors.
+        """
+        d = dict(data)
+        image, before = self._pad(np.asarray(d[self.image_key], dtype=np.float32))
         label = np.asarray(d[self.label_key])
-        image, before = self._pad(image)
+        start = self._window_start(label, image.shape[1:], before, foreground_class)
         label, _ = self._pad(label)
-        start = self._window_start(np.asarray(d[self.label_key]), image.shape[1:], before)
         window = (slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, self.input_size,
                                                                           strict=True))
         d[self.image_key] = torch.from_numpy(np.ascontiguousarray(image[window]))
         d[self.label_key] = torch.from_numpy(np.ascontiguousarray(label[window]))
         return d
+
+
+def present_classes(label: np.ndarray) -> np.ndarray:
+    """Foreground label values (> 0) present in ``label``, ascending."""
+    return np.unique(label[label > 0])
+
+
+def intensity_augmentation(spatial_dims: int) -> list[Any]:
+    """nnU-Net's intensity augmentation of ``image`` with MONAI's transforms, 2D or 3D.
+
+    Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15), gamma (p 0.3). Shared by the 3D
+    patches and the 2D slices (albumentations' float transforms assume intensities in [0, 1]
+    and clip normalised ones, so they only move and flip the slices).
+    """
+    sigma = {"sigma_x": (0.5, 1.0), "sigma_y": (0.5, 1.0)}
+    if spatial_dims == 3:
+        sigma["sigma_z"] = (0.5, 1.0)
+    return [
+        RandGaussianNoised("image", prob=0.1, std=0.1),
+        RandGaussianSmoothd("image", prob=0.2, **sigma),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+    ]
 
 
 def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: Sequence[int], *,
@@ -139,11 +184,7 @@ def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: 
             RandAffined(keys, prob=0.2, scale_range=(0.3,) * spatial_dims,
                         mode=("bilinear", "nearest"), padding_mode="reflection"),
             *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)],
-            RandGaussianNoised("image", prob=0.1, std=0.1),
-            RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
-                                sigma_z=(0.5, 1.0)),
-            RandScaleIntensityd("image", factors=0.25, prob=0.15),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+            *intensity_augmentation(spatial_dims),
         ]
     steps += [
         CenterSpatialCropd("label", roi_size=output_size),

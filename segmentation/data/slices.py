@@ -1,7 +1,7 @@
 """2D slice mode: slices of preprocessed volumes, augmented with albumentations.
 
-albumentations is the 2D augmentation library (its 3D transforms are crops only), so it serves
-this mode; the 3D patch mode uses MONAI's transforms.
+albumentations is the 2D augmentation library (its 3D transforms are crops only), so it moves
+and flips the slices; intensities are augmented with the same MONAI transforms as 3D patches.
 """
 
 from __future__ import annotations
@@ -13,13 +13,23 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from monai.transforms import Compose, Randomizable
 from torch.utils.data import Dataset
 
-from segmentation.data.patches import ForegroundOversampledCropd
+from segmentation.data.patches import (
+    ForegroundOversampledCropd,
+    intensity_augmentation,
+    present_classes,
+)
 
 
 def slice_augmentation() -> A.Compose:
-    """nnU-Net-like 2D augmentation: rotation/scaling, mirroring, noise, blur, brightness."""
+    """nnU-Net-like 2D spatial augmentation: rotation and scaling (p 0.2 each), mirroring.
+
+    Only the geometric part: albumentations' noise, blur and brightness treat float images as
+    [0, 1] and would clip normalised intensities, so those come from
+    :func:`~segmentation.data.patches.intensity_augmentation` (MONAI's, as in 3D).
+    """
     return A.Compose([
         A.Affine(rotate=(-30, 30), p=0.2, interpolation=cv2.INTER_LINEAR,
                  mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REFLECT_101),
@@ -27,19 +37,22 @@ def slice_augmentation() -> A.Compose:
                  mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REFLECT_101),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
-        A.GaussNoise(std_range=(0.0, 0.1), p=0.1),
-        A.GaussianBlur(sigma_limit=(0.5, 1.0), p=0.2),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.15),
     ])
 
 
-class RandomSlices(Dataset):
+class RandomSlices(Randomizable, Dataset):
     """Random 2D training patches from slices of preprocessed 3D volumes.
 
-    Item ``i`` takes volume ``i mod len(volumes)``, picks a slice along ``axis`` (one that shows
-    foreground with probability ``foreground_fraction`` when there is one), crops a window with
-    :class:`ForegroundOversampledCropd`, augments image and mask together (nearest-neighbour for
-    the mask) and center-crops the mask to the network's output size.
+    Item ``i`` takes volume ``i mod len(volumes)``. With probability ``foreground_fraction`` it
+    is forced to show foreground, as nnU-Net does: a random foreground class of the volume, a
+    random voxel of that class, its slice, and a window whose label part contains that voxel;
+    otherwise a random slice and a uniform window (:class:`ForegroundOversampledCropd`). Image
+    and mask are moved and flipped together with albumentations (nearest-neighbour for the
+    mask), the image's intensities augmented with MONAI's transforms, and the mask
+    center-cropped to the network's output size.
+
+    One random stream drives all of it; it keeps advancing from epoch to epoch, and MONAI's
+    DataLoader reseeds it per worker through :meth:`set_random_state`.
 
     Args:
         volumes: dataset of preprocessed {"image": (C, *S), "label": (1, *S)} volumes.
@@ -48,8 +61,8 @@ class RandomSlices(Dataset):
         output_size: 2D network output size for it.
         length: number of patches per epoch.
         foreground_fraction: share of patches forced to show foreground.
-        augment: apply albumentations augmentation.
-        seed: seed of the slice choice (per worker, offset by the item index).
+        augment: apply the random augmentation.
+        seed: initial seed (MONAI's DataLoader replaces it per worker).
     """
 
     def __init__(self, volumes: Dataset, axis: int, input_size: Sequence[int],
@@ -57,50 +70,60 @@ class RandomSlices(Dataset):
                  augment: bool = True, seed: int = 0) -> None:
         if axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {axis}")
-        self.volumes, self.axis, self.length, self.seed = volumes, axis, length, seed
+        self.volumes, self.axis, self.length = volumes, axis, length
         self.output_size = tuple(output_size)
         self.crop = ForegroundOversampledCropd("image", "label", input_size, output_size,
                                                foreground_fraction)
         self.foreground_fraction = foreground_fraction
-        self.augmentation = slice_augmentation() if augment else None
+        self.augment = augment
+        self.spatial = slice_augmentation()
+        self.intensity = Compose(intensity_augmentation(2))
+        self.set_random_state(seed)
 
     def __len__(self) -> int:
         return self.length
 
-    def set_random_state(self, seed: int | None = None, state: object = None) -> RandomSlices:
-        """Reseed slice choice, crop and augmentation (called by MONAI's DataLoader per worker).
+    def set_random_state(self, seed: int | None = None,
+                         state: np.random.RandomState | None = None) -> RandomSlices:
+        """Reseed slice choice, crop and augmentation (MONAI's DataLoader calls it per worker).
 
         Defining it also stops MONAI's recursive reseeding from reaching albumentations'
         Compose, whose ``set_random_state`` takes different arguments.
         """
-        if seed is not None:
-            self.seed = int(seed)
-            self.crop.set_random_state(seed=self.seed)
-            if self.augmentation is not None:
-                self.augmentation.set_random_seed(self.seed)
+        super().set_random_state(seed, state)
+        self.crop.set_random_state(seed=int(self.R.randint(2**31)))
+        self.spatial.set_random_seed(int(self.R.randint(2**31)))
+        self.intensity.set_random_state(seed=int(self.R.randint(2**31)))
         return self
+
+    def randomize(self, data: Any = None) -> None:
+        """Decide whether the next patch is forced to show foreground."""
+        self._force_foreground = self.R.rand() < self.foreground_fraction
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return {"image": (C, H, W) float32, "label": (1, h, w) int64}."""
         volume = self.volumes[index % len(self.volumes)]
-        rng = np.random.default_rng([self.seed, index, torch.initial_seed() % 2**32])
-        image = np.asarray(volume["image"], dtype=np.float32)
-        label = np.asarray(volume["label"])
-        shows_foreground = np.flatnonzero(np.moveaxis(label[0], self.axis, 0)
-                                          .reshape(label.shape[1 + self.axis], -1).any(1))
-        if len(shows_foreground) and rng.random() < self.foreground_fraction:
-            position = int(rng.choice(shows_foreground))
-        else:
-            position = int(rng.integers(label.shape[1 + self.axis]))
-        image2d = np.take(image, position, axis=1 + self.axis)         # (C, H, W)
-        label2d = np.take(label, position, axis=1 + self.axis)         # (1, H, W)
-        self.crop.set_random_state(seed=int(rng.integers(2**31)))
-        window = self.crop({"image": image2d, "label": label2d})
+        image = np.asarray(volume["image"], dtype=np.float32)      # (C, *S)
+        label = np.asarray(volume["label"])                        # (1, *S)
+        self.randomize()
+        foreground_class, position = None, None
+        if self._force_foreground:
+            classes = present_classes(label)
+            if len(classes):
+                foreground_class = int(classes[self.R.randint(len(classes))])
+                voxels = np.argwhere(label[0] == foreground_class)
+                position = int(voxels[self.R.randint(len(voxels)), self.axis])
+        if position is None:
+            position = int(self.R.randint(label.shape[1 + self.axis]))
+        image2d = np.take(image, position, axis=1 + self.axis)    # (C, H, W)
+        label2d = np.take(label, position, axis=1 + self.axis)    # (1, H, W)
+        window = self.crop.crop({"image": image2d, "label": label2d}, foreground_class)
         image2d, label2d = window["image"].numpy(), window["label"].numpy()
-        if self.augmentation is not None:
-            out = self.augmentation(image=np.ascontiguousarray(image2d.transpose(1, 2, 0)),
-                                    mask=np.ascontiguousarray(label2d[0]))
+        if self.augment:
+            out = self.spatial(image=np.ascontiguousarray(image2d.transpose(1, 2, 0)),
+                               mask=np.ascontiguousarray(label2d[0]))
             image2d, label2d = out["image"].transpose(2, 0, 1), out["mask"][None]
+            image2d = np.asarray(self.intensity({"image": np.ascontiguousarray(image2d)})["image"])
         label2d = _center_crop(label2d, self.output_size)
         return {"image": torch.from_numpy(np.ascontiguousarray(image2d, dtype=np.float32)),
                 "label": torch.from_numpy(np.ascontiguousarray(label2d)).long()}

@@ -45,7 +45,7 @@ class UNet(nn.Module):
         features: channels per level, top first; depth (number of downsamplings) is
             ``len(features) − 1``.
         convs_per_level: convolutions per level of a plain encoder (int or one per level).
-        decoder_convs_per_level: convolutions per decoder level.
+        decoder_convs_per_level: convolutions per decoder level (one number for all levels).
         padding: "same" (zero-padded convs; any input size, output = input size) or "valid"
             (unpadded convs as in the original U-Net; encoder maps are center-cropped before
             concatenation and the output is smaller than the input).
@@ -55,7 +55,8 @@ class UNet(nn.Module):
             1×1 projection shortcut when the channel count changes).
         blocks_per_level: residual blocks per encoder level (int or one per level), e.g.
             ``[1, 3, 4, 6, 6, 6]`` as in nnU-Net ResEnc.
-        downsample: "maxpool" or "conv" (learned, kernel 2 stride 2).
+        downsample: "maxpool" (2×2 max-pooling) or "conv" (learned, as nnU-Net: the first
+            convolution of each lower level has stride 2).
         upsample: "transpose" (2×2 up-conv) or "interpolate" (nearest + 1×1 conv).
         norm: "instance", "batch", "group" or "none"/None.
         act: "relu", "leakyrelu" or "gelu".
@@ -63,7 +64,8 @@ class UNet(nn.Module):
         bias: convolution biases on/off.
         kernel_size: odd kernel size of the main convolutions.
         deep_supervision: return auxiliary outputs of the lower decoder levels while training.
-            The auxiliary 1×1 heads always exist, so checkpoints load either way.
+            The auxiliary 1×1 heads always exist, so checkpoints load either way; without deep
+            supervision they are frozen (no gradients), so DDP finds no unused parameters.
     """
 
     def __init__(
@@ -91,11 +93,22 @@ class UNet(nn.Module):
                      for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         # The arguments that rebuild this network, as a config would name them.
-        self.config = {"class_path": "segmentation.UNet", "init_args": init_args}
+        cls = type(self)
+        class_path = ("segmentation.UNet" if cls is UNet
+                      else f"{cls.__module__}.{cls.__qualname__}")  # subclasses rebuild as such
+        self.config = {"class_path": class_path, "init_args": init_args}
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(features) < 2:
             raise ValueError(f"features needs at least 2 levels (depth ≥ 1), got {list(features)}")
+        if min(features) < 1:
+            raise ValueError(f"features must be ≥ 1 channel at every level, got {list(features)}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {value}")
+        if not isinstance(decoder_convs_per_level, int) or decoder_convs_per_level < 1:
+            raise ValueError("decoder_convs_per_level must be a single int ≥ 1 (every decoder "
+                             f"level has as many convolutions), got {decoder_convs_per_level!r}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so a voxel stays centred, got {kernel_size}")
         if not 0.0 <= dropout < 1.0:
@@ -114,9 +127,10 @@ class UNet(nn.Module):
                              f"{self.depth} skip levels (len(features) − 1); give one per level, "
                              "top first, or a single true/false")
         self.long_skips = tuple(bool(s) for s in long_skips)
+        act = layers.check_choice("act", act, layers.ACTS)
         unit_kwargs = dict(kernel_size=kernel_size, padding=self.padding, bias=bias,
-                           norm=layers.check_choice("norm", norm, layers.NORMS),
-                           act=layers.check_choice("act", act, layers.ACTS), dropout=dropout)
+                           norm=layers.check_choice("norm", norm, layers.NORMS), act=act,
+                           dropout=dropout)
 
         self.encoder = Encoder(
             spatial_dims, in_channels, features,
@@ -126,17 +140,22 @@ class UNet(nn.Module):
             downsample=downsample, **unit_kwargs)
         self.decoder = Decoder(
             self.encoder, self.long_skips, upsample=upsample, spatial_dims=spatial_dims,
-            convs_per_level=_per_level("decoder_convs_per_level", decoder_convs_per_level, 1)[0],
+            convs_per_level=decoder_convs_per_level,
             **unit_kwargs)
         self.head = layers.conv(spatial_dims, features[0], out_channels, 1)
         # One auxiliary head per decoder level below the top (deep supervision).
         self.aux_heads = nn.ModuleList(
             layers.conv(spatial_dims, features[level], out_channels, 1)
             for level in range(1, self.depth))
+        self.aux_heads.requires_grad_(deep_supervision)
         self._init_weights(act)
 
     def _init_weights(self, act: str) -> None:
-        """He (Kaiming) normal initialisation of every convolution, zero biases."""
+        """He (Kaiming) normal initialisation of every convolution, zero biases.
+
+        Args:
+            act: the activation's checked (lower-case) name; "leakyrelu" sets the slope.
+        """
         slope = layers.LEAKY_SLOPE if act == "leakyrelu" else 0.0
         for module in self.modules():
             if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d
