@@ -7,6 +7,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
+import yaml
 
 from segmentation.cli import main
 from segmentation.plots import plot_learning_curves
@@ -77,3 +79,18 @@ def test_data_commands_answer_with_help_or_one_error_line(capsys):
     assert main(["data", "check", "/nonexistent/dataset"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("error: ") and "/nonexistent/dataset" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("name", ["unet2d", "unet3d", "unet3d_resenc", "unet3d_valid"])
+def test_gpu_configs_share_one_trainer_file_and_single_keys_override_it(name, tmp_path):
+    from segmentation.training.cli import SegmentationCLI
+
+    shared = yaml.safe_load((CONFIGS / "trainer" / "gpu.yaml").read_text())
+    assert yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["trainer"] == "trainer/gpu.yaml"
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    cli = SegmentationCLI(args=["--config", str(CONFIGS / f"{name}.yaml"), *cpu,
+                                "--trainer.check_val_every_n_epoch", "7",
+                                "--runs_dir", str(tmp_path)], run=False)
+    assert cli.trainer.max_epochs == shared["max_epochs"] == 1000
+    assert cli.trainer.gradient_clip_val == shared["gradient_clip_val"] == 12
+    assert cli.trainer.check_val_every_n_epoch == 7  # the command line still wins
