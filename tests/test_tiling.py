@@ -9,7 +9,13 @@ import torch
 
 from segmentation import UNet
 from segmentation.inference.predictor import Predictor
-from segmentation.inference.tiling import inference_tile, mirror_pad, overlap_tile, tile_step
+from segmentation.inference.tiling import (
+    inference_tile,
+    mirror_pad,
+    overlap_tile,
+    tile_step,
+    voxels_read,
+)
 
 
 def whole_pass(net: UNet, image: torch.Tensor, input_size, output_size) -> torch.Tensor:
@@ -137,3 +143,31 @@ def test_the_3d_valid_config_wastes_far_less_with_inference_tiles():
     tile = inference_tile(net, patch, (512, 512, 400))
     kept = math.prod(net.output_shape(tile)) / math.prod(tile)
     assert kept > 3 * math.prod(net.output_shape(patch)) / math.prod(patch)
+
+
+def test_a_tile_in_use_is_kept_where_it_reads_at_most_a_tenth_more():
+    """Fewer tile shapes over a data set: fewer cuDNN autotunings and compilations."""
+    net = UNet(spatial_dims=3, features=(64, 128, 256, 512), padding="valid", norm="batch").eval()
+    patch = (132, 132, 116)
+    first = inference_tile(net, patch, (512, 512, 400))
+    close, far = (512, 512, 234), (512, 512, 300)
+    own = inference_tile(net, patch, close)
+    assert own != first
+    assert voxels_read(net, first, close) <= 1.1 * voxels_read(net, own, close)
+    assert inference_tile(net, patch, close, in_use=[first]) == first
+    assert inference_tile(net, patch, close, in_use=[first], reuse_within=0.0) == own
+    own_far = inference_tile(net, patch, far)
+    assert voxels_read(net, first, far) > 1.1 * voxels_read(net, own_far, far)
+    assert inference_tile(net, patch, far, in_use=[first]) == own_far
+
+
+def test_one_predictor_reuses_its_tiles_across_scans():
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=2, features=(4, 8, 16), padding="valid", norm="batch").eval()
+    patch = net.valid_input_shape((44, 44))
+    predictor = Predictor(net, patch)
+    with torch.no_grad():
+        for scan in [(70, 53), (61, 55), (67, 45)]:  # alone, each would pick its own tile
+            predictor(torch.randn(1, 1, *scan))
+    assert len({inference_tile(net, patch, scan) for scan in predictor._tiles}) == 3
+    assert len(set(predictor._tiles.values())) == 1

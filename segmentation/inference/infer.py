@@ -144,9 +144,15 @@ class Segmenter:
         self.patch_size = tuple(module.hparams.patch_size)
         self.slice_axis = module.hparams.slice_axis
         self.in_channels = getattr(self.net, "in_channels", None)
+        self._predictor = Predictor(self.network, self.patch_size, overlap=self.overlap,
+                                    batch_size=self.batch_size, mirror=self.tta,
+                                    slice_axis=self.slice_axis, out_device=self.device,
+                                    precision=self.precision)
 
     def predictor(self, voxels: int, classes: int, channels: int = 1) -> Predictor:
-        """The shared whole-scan predictor, stitching on the CPU when the GPU would not hold it.
+        """The whole-scan predictor, set to stitch on the CPU when the GPU would not hold it.
+
+        One predictor serves every scan, so tiles chosen for earlier scans are reused.
 
         Args:
             voxels: voxels of the preprocessed scan.
@@ -165,10 +171,8 @@ class Segmenter:
                 self.note(f"stitching buffers of {needed / 2**30:.1f} GiB would take more than "
                           f"{_GPU_BUFFER_FRACTION:.0%} of the free GPU memory "
                           f"({free / 2**30:.1f} GiB): stitching them on the CPU")
-        return Predictor(self.network, self.patch_size, overlap=self.overlap,
-                         batch_size=self.batch_size, mirror=self.tta,
-                         slice_axis=self.slice_axis, out_device=out_device,
-                         precision=self.precision)
+        self._predictor.out_device = out_device
+        return self._predictor
 
     def probabilities(self, case: Case,
                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

@@ -113,7 +113,8 @@ class Predictor:
             shape = tuple(image.shape[2:])
             if shape not in self._tiles:  # TTA passes and slice batches share one search
                 self._tiles[shape] = inference_tile(self.net, self.patch_size, shape,
-                                                    self.tile_scale)
+                                                    self.tile_scale,
+                                                    in_use=sorted(set(self._tiles.values())))
             tile = self._tiles[shape]
             # fewer tiles per pass as they grow: a pass reads about as much as trained batches
             batch = max(1, round(self.batch_size * math.prod(self.patch_size) / math.prod(tile)))

@@ -84,7 +84,8 @@ def tile_independent(net: nn.Module) -> bool:
 
 
 def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequence[int],
-                   max_scale: float = 4.0) -> tuple[int, ...]:
+                   max_scale: float = 4.0, *, in_use: Sequence[tuple[int, ...]] = (),
+                   reuse_within: float = 0.1) -> tuple[int, ...]:
     """The input tile for overlap-tile prediction of one scan: the cheapest that is allowed.
 
     A valid network spends much of each pass on the margin it crops away (Çiçek et al.'s
@@ -96,11 +97,17 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
     sizes and the search is over their combinations. Only for :func:`tile_independent`
     networks, where any tile gives the same logits; others keep the training patch.
 
+    Every new tile shape costs a cuDNN autotuning (and with ``torch.compile`` a compilation),
+    so a tile already ``in_use`` for earlier scans is kept when it reads at most
+    ``reuse_within`` (a fraction) more voxels than this scan's cheapest tile.
+
     Args:
         net: a valid-padding network with ``output_shape`` and ``nearest_valid_sizes``.
         patch_size: the training patch (a valid input tile).
         scan_shape: spatial shape of the scan.
         max_scale: largest input tile, in training patches (voxel count); 1 keeps the patch.
+        in_use: tiles chosen for earlier scans (valid, within the same ``max_scale``).
+        reuse_within: how much more reading (fraction of the cheapest) a tile in use may cost.
 
     Returns:
         A valid input tile, at least the training patch on every axis.
@@ -121,7 +128,18 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
         if best is None or key < best[0]:
             best = (key, tile)
     assert best is not None  # the patch itself is always a choice
-    return best[1]
+    (cheapest, _), tile = best
+    reusable = sorted((voxels_read(net, used, scan_shape), math.prod(used), used)
+                      for used in in_use)
+    if reusable and reusable[0][0] <= (1 + reuse_within) * cheapest:
+        return reusable[0][2]
+    return tile
+
+
+def voxels_read(net: nn.Module, tile: Sequence[int], scan_shape: Sequence[int]) -> int:
+    """Input voxels overlap-tile reads to cover a scan with ``tile``-sized input tiles."""
+    counts = _tile_counts(scan_shape, net.output_shape(tile), net.depth)
+    return math.prod(count * size for count, size in zip(counts, tile, strict=True))
 
 
 def _axis_options(net: nn.Module, patch: tuple[int, ...], axis: int, scan: int,
