@@ -26,6 +26,51 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 
+CLASS_LOCATIONS = "class_locations"
+
+
+class ClassLocationsd(MapTransform):
+    """Record where each foreground class lies, once per volume, so crops need not search.
+
+    Finding a class's voxels is a pass over the whole volume; done for every forced patch it
+    costs as much as the rest of a CT-sized patch's preparation. As nnU-Net does, the locations
+    are computed once, next to the cached volume, and sampled down to ``max_per_class``.
+
+    Args:
+        label_key: key of the (1, *S) label.
+        max_per_class: voxels kept per class (an even random sample, fixed by ``seed``).
+        seed: seed of that sample (deterministic, so a cached volume never changes).
+    """
+
+    def __init__(self, label_key: str = "label", max_per_class: int = 10_000,
+                 seed: int = 1234) -> None:
+        MapTransform.__init__(self, [label_key])
+        self.label_key, self.max_per_class, self.seed = label_key, max_per_class, seed
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Add ``class_locations``: {label value: (V, spatial_dims) int32 voxel indices}."""
+        d = dict(data)
+        label = np.asarray(d[self.label_key])[0]                     # (*S)
+        rng = np.random.default_rng(self.seed)
+        locations = {}
+        for value in present_classes(label):
+            voxels = np.argwhere(label == value)                     # (V, spatial_dims)
+            if len(voxels) > self.max_per_class:
+                voxels = voxels[np.sort(rng.choice(len(voxels), self.max_per_class,
+                                                   replace=False))]
+            locations[int(value)] = voxels.astype(np.int32)
+        d[CLASS_LOCATIONS] = locations
+        return d
+
+
+def class_locations(data: Mapping[Hashable, Any], label_key: str = "label"
+                    ) -> dict[int, np.ndarray]:
+    """The volume's recorded class locations (:class:`ClassLocationsd`), or found now."""
+    recorded = data.get(CLASS_LOCATIONS)
+    if recorded is not None:
+        return recorded
+    return ClassLocationsd(label_key, max_per_class=2**62)(data)[CLASS_LOCATIONS]
+
 
 class ForegroundOversampledCropd(Randomizable, MapTransform):
     """Crop an image window and its label so that a fraction of patches shows foreground.
@@ -35,7 +80,8 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
     as overlap-tile inference mirror-pads a scan. With probability ``foreground_fraction`` the
     window is placed so that a voxel of a random foreground class lies inside the label window;
     otherwise it is placed uniformly at random. Labels without foreground fall back to uniform
-    windows.
+    windows. Class locations recorded by :class:`ClassLocationsd` are used (and dropped from
+    the output) where present; otherwise they are found in the label.
 
     Args:
         image_key: key of the (C, *S) image.
@@ -82,11 +128,10 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
             before.append(margin + extra // 2)
         return np.pad(array, pads, mode="reflect"), before
 
-    def _window_start(self, label: np.ndarray, padded_shape: Sequence[int],
-                      before: Sequence[int], foreground_class: int | None) -> list[int]:
+    def _window_start(self, voxels: np.ndarray, padded_shape: Sequence[int],
+                      before: Sequence[int]) -> list[int]:
+        """A window start whose label part contains a random one of ``voxels`` (if any)."""
         highest = [n - s for n, s in zip(padded_shape, self.input_size, strict=True)]
-        voxels = (np.argwhere(label[0] == foreground_class) if foreground_class is not None
-                  else np.empty((0, label.ndim - 1)))
         if len(voxels) == 0:
             return [int(self.R.randint(0, h + 1)) for h in highest]
         voxel = voxels[self.R.randint(len(voxels))] + np.asarray(before)
@@ -99,31 +144,35 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Return the data with ``image`` and ``label`` cropped to ``input_size``."""
         self.randomize()
-        foreground_class = None
+        voxels = None
         if self._force_foreground:
             # As nnU-Net: a random foreground class first, then a random voxel of it, so small
             # structures are seen as often as large ones.
-            classes = present_classes(np.asarray(data[self.label_key]))
-            if len(classes):
-                foreground_class = int(classes[self.R.randint(len(classes))])
-        return self.crop(data, foreground_class)
+            locations = class_locations(data, self.label_key)
+            if locations:
+                classes = sorted(locations)
+                voxels = locations[classes[self.R.randint(len(classes))]]
+        return self.crop(data, voxels)
 
-    def crop(self, data: Mapping[Hashable, Any], foreground_class: int | None
+    def crop(self, data: Mapping[Hashable, Any], voxels: np.ndarray | None
              ) -> dict[Hashable, Any]:
-        """Crop a window that shows ``foreground_class``, or a uniform one for None.
+        """Crop a window whose label part contains one of ``voxels``, or a uniform one.
 
         Args:
             data: ``image`` (C, *S) and ``label`` (1, *S).
-            foreground_class: a label value the label window must contain (a random voxel of
-                it); None, or a class absent from the label, places the window uniformly.
+            voxels: (V, spatial_dims) candidate voxel indices of the label, one of them picked
+                at random; None or empty places the window uniformly.
 
         Returns:
-            The data with ``image`` and ``label`` (C or 1, *input_size) tensors.
+            The data with ``image`` and ``label`` (C or 1, *input_size) tensors, without
+            ``class_locations``.
         """
         d = dict(data)
+        d.pop(CLASS_LOCATIONS, None)
         image, before = self._pad(np.asarray(d[self.image_key], dtype=np.float32))
         label = np.asarray(d[self.label_key])
-        start = self._window_start(label, image.shape[1:], before, foreground_class)
+        empty = np.empty((0, label.ndim - 1), dtype=np.int64)
+        start = self._window_start(empty if voxels is None else voxels, image.shape[1:], before)
         label, _ = self._pad(label)
         window = (slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, self.input_size,
                                                                           strict=True))

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from segmentation.data.patches import (
     ForegroundOversampledCropd,
+    class_locations,
     intensity_augmentation,
-    present_classes,
 )
 
 
@@ -106,18 +106,23 @@ class RandomSlices(Randomizable, Dataset):
         image = np.asarray(volume["image"], dtype=np.float32)      # (C, *S)
         label = np.asarray(volume["label"])                        # (1, *S)
         self.randomize()
-        foreground_class, position = None, None
+        voxels = None
         if self._force_foreground:
-            classes = present_classes(label)
-            if len(classes):
-                foreground_class = int(classes[self.R.randint(len(classes))])
-                voxels = np.argwhere(label[0] == foreground_class)
-                position = int(voxels[self.R.randint(len(voxels)), self.axis])
-        if position is None:
+            locations = class_locations(volume)
+            if locations:
+                classes = sorted(locations)
+                voxels = locations[classes[self.R.randint(len(classes))]]   # (V, 3)
+        if voxels is not None:
+            voxel = voxels[self.R.randint(len(voxels))]
+            position = int(voxel[self.axis])
+            # that class's voxels in the chosen slice, as (y, x) within it
+            in_slice = voxels[voxels[:, self.axis] == position]
+            voxels = np.delete(in_slice, self.axis, axis=1)
+        else:
             position = int(self.R.randint(label.shape[1 + self.axis]))
         image2d = np.take(image, position, axis=1 + self.axis)    # (C, H, W)
         label2d = np.take(label, position, axis=1 + self.axis)    # (1, H, W)
-        window = self.crop.crop({"image": image2d, "label": label2d}, foreground_class)
+        window = self.crop.crop({"image": image2d, "label": label2d}, voxels)
         image2d, label2d = window["image"].numpy(), window["label"].numpy()
         if self.augment:
             out = self.spatial(image=np.ascontiguousarray(image2d.transpose(1, 2, 0)),
