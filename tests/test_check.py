@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 
 from segmentation.data.check import check_dataset, format_report
 from segmentation.data.commands import main
+from segmentation.data.layout import read_dataset
+from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
 
 # problem → (case it is planted in, file it must be reported on, words of the message)
 PROBLEMS = {
@@ -180,3 +183,51 @@ def test_msd_dataset_checks_channels_on_last_axis(tmp_path, make_msd):
                                 "channels on the last axis")
     assert errors[1].startswith("labelsTr/brain_2.nii.gz: spacing (1.0, 1.0, 2.0) differs")
     assert "error: imagesTr/brain_1.nii.gz" in format_report(check_dataset(root))
+
+
+# voxel axes (i, j, k) of every file below: pixdim and qform say 3, 2, 1 mm along R, A, S
+QFORM = np.diag([3.0, 2.0, 1.0, 1.0])
+
+
+def rewrite_geometry(root: Path, sform: np.ndarray) -> None:
+    """Give every training file the qform QFORM (pixdim 3, 2, 1) and the sform ``sform``."""
+    for path in sorted((root / "imagesTr").iterdir()) + sorted((root / "labelsTr").iterdir()):
+        image = nib.Nifti1Image(np.asanyarray(nib.load(str(path)).dataobj), QFORM)
+        image.set_sform(sform, code=2)
+        image.set_qform(QFORM, code=1)
+        nib.save(image, str(path))
+
+
+@pytest.mark.parametrize("sform, expected, uses", [
+    # axes permuted (i → S, j → A, k → R), spacing consistent with pixdim: the sform is used
+    (np.array([[0, 0, 1, 0], [0, 2, 0, 0], [3, 0, 0, 0], [0, 0, 0, 1]], float), (1, 2, 3), None),
+    # a stale sform whose spacing disagrees with pixdim: MONAI's reader takes the qform
+    (np.array([[0, 0, 1, 0], [0, 2, 0, 0], [3.5, 0, 0, 0], [0, 0, 0, 1]], float), (3, 2, 1),
+     "the qform"),
+])
+def test_spacing_is_read_as_preprocessing_resamples(tmp_path, make_nnunet, sform, expected,
+                                                    uses):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    rewrite_geometry(root, sform)
+    info = read_dataset(root)
+    prep = fit_preprocessing(info.training, spatial_dims=3)
+    assert prep.spacing == expected  # in RAS order
+    case = info.training[0]
+    item = {"image": str(case.images[0]), "label": str(case.label)}
+    loaded = Preprocessing(spatial_dims=3).transforms()(item)["image"]  # MONAI, no resampling
+    assert tuple(loaded.pixdim.tolist()) == expected
+    assert prep.transforms()(item)["image"].shape == loaded.shape  # already at the target
+
+    report = check_dataset(root)
+    assert report.ok, report.errors
+    shown = ", ".join(str(v) for v in expected)
+    assert f"median spacing: ({shown}) mm in RAS axis order, from the affines (as preprocessing " \
+           "fits it)" in report.info
+    warned = [w for w in report.warnings if "differs from the header's pixdim" in w]
+    if uses is None:
+        assert warned == []
+    else:  # one warning per file, naming it and what preprocessing reads
+        assert len(warned) == 2 * len(info.training)
+        assert warned[0].startswith(
+            f"imagesTr/{case.case_id}_0000.nii.gz: the sform's voxel spacing (3.5, 2, 1) differs "
+            f"from the header's pixdim (3, 2, 1); preprocessing (MONAI's reader) uses {uses}")

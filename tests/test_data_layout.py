@@ -200,3 +200,56 @@ def test_fold_cases_returns_sides_and_checks_range():
         fold_cases(splits, 4)
     with pytest.raises(ValueError, match="out of range"):
         fold_cases(splits, -1)
+
+
+# A hand-edited splits.json: each edit returns the message it must raise.
+
+
+def _in_two_val_sets(folds):
+    case = folds[0]["val"][0]
+    folds[1]["train"].remove(case)
+    folds[1]["val"].append(case)
+    return rf"case {case} is in the validation sets of folds 0, 1; keep it in one fold's val"
+
+
+def _left_out_of_train(folds):
+    case = folds[2]["train"].pop(0)
+    return (rf"fold 2 leaves out case\(s\) {case}: they are in neither its train nor its val "
+            r"list; add them to fold 2's train list")
+
+
+def _unknown_case(folds):
+    folds[1]["val"].append("ghost")
+    return r"names case\(s\) that are not in the dataset: ghost \(fold 1 val\)"
+
+
+def _on_both_sides(folds):
+    case = folds[1]["val"][0]
+    folds[1]["train"].append(case)
+    return rf"fold 1 has case\(s\) on both sides: {case}; keep each in either"
+
+
+def _listed_twice(folds):
+    folds[0]["train"].append(folds[0]["train"][0])
+    return rf"fold 0 lists case\(s\) {folds[0]['train'][0]} more than once in train"
+
+
+@pytest.mark.parametrize("edit", [_in_two_val_sets, _left_out_of_train, _unknown_case,
+                                  _on_both_sides, _listed_twice])
+def test_hand_edited_splits_json_is_checked_per_case_and_fold(tmp_path, edit):
+    folds = load_or_create_splits(tmp_path, IDS, n_folds=3)
+    message = edit(folds)
+    (tmp_path / "splits.json").write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match=message) as raised:
+        load_or_create_splits(tmp_path, IDS, n_folds=3)
+    assert str(raised.value).startswith(f"{tmp_path / 'splits.json'}: ")
+
+
+def test_hand_edited_splits_json_that_is_consistent_is_used(tmp_path):
+    folds = load_or_create_splits(tmp_path, IDS, n_folds=3)
+    moved = folds[0]["val"].pop()  # validate it in fold 1 instead of fold 0
+    folds[0]["train"].append(moved)
+    folds[1]["train"].remove(moved)
+    folds[1]["val"].append(moved)
+    (tmp_path / "splits.json").write_text(json.dumps(folds))
+    assert load_or_create_splits(tmp_path, IDS, n_folds=3) == folds

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from lightning_fabric.utilities.data import _replace_dunder_methods
+from monai.data import DataLoader, MetaTensor
+from pytorch_lightning.trainer.states import RunningStage
+from pytorch_lightning.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DistributedSampler
 
 from segmentation import UNet
 from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.data.intensity import ClipAndNormalized
 from segmentation.data.layout import read_dataset
 from segmentation.data.patches import ForegroundOversampledCropd, patch_transforms
-from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
+from segmentation.data.preprocessing import Preprocessing, fit_preprocessing, label_dtype
 from segmentation.data.slices import RandomSlices
 from segmentation.data.synth import generate_dataset
 
@@ -164,3 +174,149 @@ def test_datamodule_batches_have_network_shapes(synthetic, tmp_path):
                                    cache="disk", cache_dir=str(tmp_path / "cache"))
     other.setup("fit")
     assert other.cache_key_dir() != first_key  # changed transforms, fresh cache
+
+
+# ------------------------------------------------------------------ DDP seeding
+
+
+def first_patches(root: Path, rank: int | None, num_workers: int = 0) -> torch.Tensor:
+    """The first training batch's images of a data module on ``rank`` after the same seed."""
+    dm = SegmentationDataModule(str(root), patch_size=(24, 24, 16), batch_size=2,
+                                patches_per_epoch=4, num_workers=num_workers, cache="memory",
+                                check=False)
+    dm.setup("fit")
+    if rank is not None:
+        dm.trainer = SimpleNamespace(global_rank=rank)  # what a DDP trainer exposes
+    torch.manual_seed(123)  # what seed_everything(123) does on every rank
+    return next(iter(dm.train_dataloader()))["image"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_ddp_ranks_draw_different_patches_and_each_rank_is_reproducible(synthetic, num_workers):
+    rank0 = first_patches(synthetic, 0, num_workers)
+    rank1 = first_patches(synthetic, 1, num_workers)
+    assert not torch.equal(rank0, rank1)
+    assert torch.equal(first_patches(synthetic, 1, num_workers), rank1)
+    assert torch.equal(first_patches(synthetic, None, num_workers), rank0)  # no trainer: rank 0
+
+
+def test_lightning_keeps_the_rank_generator_when_adding_a_distributed_sampler(synthetic):
+    dm = SegmentationDataModule(str(synthetic), patch_size=(24, 24, 16), batch_size=2,
+                                patches_per_epoch=4, num_workers=0, cache="none", check=False)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(global_rank=1)
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()  # as Lightning calls the hook
+    sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=1)
+    ddp_loader = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    assert ddp_loader.sampler is sampler
+    assert ddp_loader.generator is loader.generator
+    assert loader.generator.initial_seed() == dm.train_generator().initial_seed()
+    dm.trainer = SimpleNamespace(global_rank=0)
+    assert loader.generator.initial_seed() != dm.train_generator().initial_seed()
+
+
+# ------------------------------------------------------------------ labels, cache, normalisation
+
+
+def test_label_values_beyond_255_are_kept(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "liver": 1, "vessel": 300}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for path in sorted((root / "labelsTr").iterdir()):
+        label = nib.load(str(path))
+        data = np.asanyarray(label.dataobj).astype(np.int16)
+        data[data == 2] = 300
+        nib.save(nib.Nifti1Image(data, label.affine), str(path))
+    dm = SegmentationDataModule(str(root), n_folds=3, patch_size=(8, 8, 6), cache="none",
+                                spacing=None, num_workers=0)
+    dm.prepare_data()  # the integrity check accepts the declared 300
+    dm.setup("fit")
+    volume = dm.volumes(dm.train_cases)[0]
+    case = dm.train_cases[0]
+    assert volume["label"].dtype == torch.int16
+    expected = np.asanyarray(nib.load(str(case.label)).dataobj)
+    assert set(volume["label"].unique().tolist()) == set(np.unique(expected).tolist())
+    assert 300 in volume["label"].unique().tolist()
+    # a chain built for 8-bit labels refuses the file instead of wrapping 300 to 44
+    with pytest.raises(RuntimeError) as raised:  # MONAI's Compose wraps the transform's error
+        dm.preprocessing.transforms()({"image": str(case.images[0]), "label": str(case.label)})
+    cause = raised.value.__cause__
+    assert isinstance(cause, ValueError)
+    assert str(cause).startswith(f"{case.label}: label values 0..300 do not fit uint8")
+
+
+@pytest.mark.parametrize("max_label, dtype", [(2, np.uint8), (255, np.uint8), (256, np.int16),
+                                              (40_000, np.int32)])
+def test_label_dtype_holds_the_largest_label(max_label, dtype):
+    assert label_dtype(max_label) == dtype
+
+
+def test_disk_cache_reads_a_rewritten_image_again(synth_copy, tmp_path):
+    dm = SegmentationDataModule(str(synth_copy), patch_size=(16, 16, 16), cache="disk",
+                                cache_dir=str(tmp_path / "cache"), spacing=None,
+                                normalization="none", num_workers=0, check=False)
+    dm.setup("fit")
+    case = dm.train_cases[0]
+    before = dm.volumes([case])[0]["image"]
+    image = nib.load(str(case.images[0]))
+    rewritten = np.asanyarray(image.dataobj).astype(np.float32) * 2 + 5
+    nib.save(nib.Nifti1Image(rewritten, image.affine, image.header), str(case.images[0]))
+    after = dm.volumes([case])[0]["image"]  # a new dataset over the same cache folder
+    assert torch.allclose(torch.as_tensor(after), torch.as_tensor(before) * 2 + 5, atol=1e-4)
+    assert dm.volumes([case])[0]["image"].equal(after)  # and the new entry is reused
+
+
+def write_sphere_case(folder: Path, rng: np.random.Generator) -> tuple[str, str]:
+    """An image that is zero outside a ball (bright, noisy inside) and the ball as label."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (24, 24, 20)], indexing="ij"))
+    ball = ((grid - np.array([12, 11, 10])[:, None, None, None]) ** 2).sum(0) < 8 ** 2
+    image = np.where(ball, 200 + 30 * rng.standard_normal(ball.shape), 0).astype(np.float32)
+    image_path, label_path = folder / "ball_0000.nii.gz", folder / "ball.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(image_path))
+    nib.save(nib.Nifti1Image(ball.astype(np.uint8), np.eye(4)), str(label_path))
+    return str(image_path), str(label_path)
+
+
+def test_zscore_after_foreground_crop_uses_the_nonzero_voxels(tmp_path):
+    image_path, label_path = write_sphere_case(tmp_path, np.random.default_rng(0))
+    item = {"image": image_path, "label": label_path}
+    prep = Preprocessing(spatial_dims=3, normalization="zscore", crop_foreground=True)
+    assert prep.zscore_nonzero
+    out = prep.transforms()(item)
+    image, ball = out["image"][0], out["label"][0] > 0
+    assert image.shape != (24, 24, 20) and (~ball).any()  # cropped; corners of the box remain
+    assert torch.all(image[~ball] == 0)  # the background stays zero
+    assert abs(image[ball].mean().item()) < 1e-3
+    assert abs(image[ball].std(unbiased=False).item() - 1) < 1e-3
+    # the same definition without the crop, and a checkpoint dict from before the setting:
+    # whole-image statistics, so the background is no longer zero
+    for whole in (Preprocessing(spatial_dims=3, normalization="zscore"),
+                  Preprocessing.from_dict({k: v for k, v in prep.as_dict().items()
+                                           if k != "zscore_nonzero"})):
+        assert not whole.zscore_nonzero
+        out = whole.transforms()(item)
+        assert torch.all(out["image"][0][out["label"][0] == 0] < -0.1)
+    assert Preprocessing.from_dict(prep.as_dict()) == prep
+
+
+# ------------------------------------------------------------------ errors naming the file
+
+
+def test_ct_statistics_refuse_a_label_of_another_shape(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("CT",))
+    info = read_dataset(root)
+    case = info.training[1]
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 5), np.uint8), np.eye(4)), str(case.label))
+    with pytest.raises(ValueError, match=rf"{case.label}: shape \(8, 8, 5\) differs from its "
+                                         rf"image {case.images[0]} \(8, 8, 6\)"):
+        fit_preprocessing(info.training, spatial_dims=3, normalization="ct", spacing=None)
+
+
+def test_ct_channel_count_error_names_the_file():
+    stats = [{"lower": 0.0, "upper": 1.0, "mean": 0.5, "std": 0.2}]
+    image = MetaTensor(torch.zeros(2, 4, 4, 4), meta={"filename_or_obj": "/data/x_0000.nii.gz"})
+    with pytest.raises(ValueError, match=r"/data/x_0000\.nii\.gz: image has 2 channel\(s\) but "
+                                         r"the CT statistics were fitted on 1"):
+        ClipAndNormalized("image", stats)({"image": image})

@@ -23,9 +23,11 @@ from segmentation.data.layout import (
     read_dataset,
     split_file_ending,
 )
+from segmentation.data.preprocessing import oriented_spacing, reader_affine, voxel_spacing
 
 AFFINE_ATOL = 1e-4
 SPACING_RTOL = 1e-4
+SUMMARY_ORIENTATION = "RAS"  # axis order of the reported median spacing (the default target)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class _Volume:
     affine: np.ndarray
     zooms: tuple[float, ...]
     geometry_ok: bool
+    read_affine: np.ndarray  # the affine preprocessing uses (MONAI's reader; see reader_affine)
 
 
 def check_dataset(root: str | Path) -> CheckReport:
@@ -191,8 +194,10 @@ class _Checker:
         if reference is not None:
             spatial_shape = self.check_channels(case, volumes)
             if reference.geometry_ok and spatial_shape is not None:
-                self.orientations["".join(nib.aff2axcodes(reference.affine))] += 1
-                self.spacings.append(reference.zooms[: len(spatial_shape)])
+                affine, n = reference.read_affine, len(spatial_shape)
+                self.orientations["".join(nib.aff2axcodes(affine))] += 1
+                self.spacings.append(tuple(oriented_spacing(
+                    affine, voxel_spacing(affine, n), SUMMARY_ORIENTATION[:n])))
         if case.label is None or not labelled:
             return
         label = self.read(case.label, "label file")
@@ -214,6 +219,7 @@ class _Checker:
                 data = np.asanyarray(image.dataobj)
                 affine = np.asarray(image.affine, dtype=float)
                 zooms = tuple(float(z) for z in image.header.get_zooms())
+                read_affine = reader_affine(image)
         except Exception as error:  # nibabel raises many kinds: ImageFileError, EOFError, ...
             reason = str(error) or type(error).__name__
             self.error(path, f"cannot be read (truncated or corrupt: {reason})")
@@ -230,7 +236,16 @@ class _Checker:
             self.error(path, "affine is not finite or not invertible")
         else:
             geometry_ok = True
-        return _Volume(path, data, affine, zooms, geometry_ok)
+            sform_spacing = voxel_spacing(affine, len(spatial))
+            if not np.allclose(spatial, sform_spacing, rtol=SPACING_RTOL):
+                used = ("the qform" if not np.allclose(read_affine, affine, atol=AFFINE_ATOL)
+                        else "the sform")
+                shown, pixdim = (", ".join(f"{v:.4g}" for v in values)
+                                 for values in (sform_spacing, spatial))
+                self.warn(path, f"the sform's voxel spacing ({shown}) differs from the header's "
+                                f"pixdim ({pixdim}); preprocessing (MONAI's reader) uses {used}; "
+                                "rewrite the header if that is not the scan's geometry")
+        return _Volume(path, data, affine, zooms, geometry_ok, read_affine)
 
     def check_channels(self, case: Case, volumes: list[_Volume]) -> tuple[int, ...] | None:
         """Channel count and agreement between channel files; returns the spatial shape."""
@@ -302,7 +317,9 @@ class _Checker:
             if len(lengths) == 1:
                 spacings = np.array(self.spacings)
                 median = ", ".join(f"{v:.3g}" for v in np.median(spacings, axis=0))
-                self.report.info.append(f"median spacing: ({median})")
+                order = SUMMARY_ORIENTATION[: spacings.shape[1]]
+                self.report.info.append(f"median spacing: ({median}) mm in {order} axis order, "
+                                        "from the affines (as preprocessing fits it)")
         if self.labels_read:
             for value in self.info.foreground_labels:
                 if not self.label_presence[value]:

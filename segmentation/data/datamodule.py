@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import monai
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
@@ -31,6 +35,32 @@ def case_item(case: Case) -> dict[str, Any]:
     if case.label is not None:
         item["label"] = str(case.label)
     return item
+
+
+def file_state_hash(item: Mapping[str, Any]) -> bytes:
+    """Disk-cache key of an item: the item, each file's path, size and mtime, the MONAI version.
+
+    MONAI's default key hashes only the item (file names), so an image or label rewritten in
+    place would keep being read from the cache; with this key it is preprocessed again.
+
+    Args:
+        item: a :func:`case_item` dict; its "image" (a path or a list of paths) and "label"
+            files must exist.
+
+    Returns:
+        A hex digest as bytes (what ``PersistentDataset(hash_func=...)`` expects).
+    """
+    files = []
+    for key in ("image", "label"):
+        value = item.get(key)
+        if value is None:
+            continue
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            state = os.stat(path)
+            files.append([str(path), state.st_size, state.st_mtime_ns])
+    key = json.dumps({"item": dict(item), "files": files, "monai": monai.__version__},
+                     sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest().encode()
 
 
 class RandomPatches(TorchDataset):
@@ -68,11 +98,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         cache: "memory" (CacheDataset: fastest; every DDP rank holds a copy), "disk"
             (PersistentDataset: one shared on-disk copy, for DDP and large datasets) or "none".
         cache_dir: folder for the "disk" cache; its sub-folder is keyed by a hash of the
-            preprocessing, so changing spacing or normalisation never reads a stale cache.
+            preprocessing, so changing spacing or normalisation never reads a stale cache, and
+            each entry by its files' size and modification time, so a rewritten file is
+            preprocessed again.
         spacing: "median" (of the training cases), explicit spacing, or null (keep).
         normalization: "ct", "zscore", "minmax" or "none".
         orientation: axis codes scans are reoriented to.
-        crop_foreground: crop scans to their non-zero bounding box.
+        crop_foreground: crop scans to their non-zero bounding box; "zscore" then uses the
+            non-zero voxels only (zeros stay 0), as nnU-Net.
         foreground_fraction: share of patches forced to show foreground.
         augment: random augmentation of training patches.
         slice_axis: 2D slice mode: train a 2D network on slices along this axis of 3D volumes.
@@ -167,12 +200,14 @@ class SegmentationDataModule(pl.LightningDataModule):
     def volumes(self, cases: Sequence[Case]) -> TorchDataset:
         """Preprocessed whole volumes of ``cases``, cached as configured."""
         items = [case_item(c) for c in cases]
-        transform = self.preprocessing.transforms(("image", "label"))
+        transform = self.preprocessing.transforms(("image", "label"),
+                                                  max_label=max(self.info.labels.values()))
         if self.cache == "memory":
             return CacheDataset(items, transform, num_workers=self.num_workers or None,
                                 progress=False)
         if self.cache == "disk":
-            return PersistentDataset(items, transform, cache_dir=self.cache_key_dir())
+            return PersistentDataset(items, transform, cache_dir=self.cache_key_dir(),
+                                     hash_func=file_state_hash)
         return Dataset(items, transform)
 
     def cache_key_dir(self) -> Path:
@@ -182,8 +217,26 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self.cache_dir / f"{self.root.name}-{key}"
 
     # ------------------------------------------------------------------ loaders
+    def train_generator(self) -> torch.Generator:
+        """The training loader's random generator, distinct per DDP rank.
+
+        MONAI's DataLoader seeds the random transforms from the loader's generator (in the
+        main process without workers, through each worker's seed with them) and installs its
+        own ``worker_init_fn``, so Lightning's rank-aware worker seeding never applies. Without
+        this generator every rank of a seeded run would draw the same crops and augmentations.
+        Its seed mixes ``torch.initial_seed()`` (set by ``seed_everything``) with the trainer's
+        global rank (0 without a trainer), so seeded runs stay reproducible.
+        """
+        rank = int(self.trainer.global_rank) if self.trainer is not None else 0
+        state = np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0]))
+
     def train_dataloader(self) -> DataLoader:
-        """Batches {"image": (B, C, *input_size), "label": (B, 1, *output_size)}."""
+        """Batches {"image": (B, C, *input_size), "label": (B, 1, *output_size)}.
+
+        Lightning re-creates the loader with a DistributedSampler under DDP from the arguments
+        given here, the rank's ``generator`` included.
+        """
         volumes = self.volumes(self.train_cases)
         if self.slice_axis is not None:
             patches: TorchDataset = RandomSlices(
@@ -197,7 +250,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             patches = RandomPatches(volumes, transform, self.patches_per_epoch)
         return DataLoader(patches, batch_size=self.batch_size, shuffle=True,
                           num_workers=self.num_workers, drop_last=False,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=self.train_generator())
 
     def val_dataloader(self) -> DataLoader:
         """Whole preprocessed volumes, one per batch: image (1, C, *S), label (1, 1, *S)."""

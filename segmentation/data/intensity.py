@@ -34,8 +34,11 @@ class ClipAndNormalized(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             if image.shape[0] != len(self.channel_stats):
-                raise ValueError(f"image has {image.shape[0]} channels but the CT statistics "
-                                 f"were fitted on {len(self.channel_stats)}")
+                source = getattr(image, "meta", {}).get("filename_or_obj", f"key {key!r}")
+                raise ValueError(f"{source}: image has {image.shape[0]} channel(s) but the CT "
+                                 f"statistics were fitted on {len(self.channel_stats)}; give "
+                                 f"{len(self.channel_stats)} channel file(s) per case, as in "
+                                 "training")
             out = torch.as_tensor(image, dtype=torch.float32).clone()
             for c, s in enumerate(self.channel_stats):
                 out[c] = (out[c].clamp(s["lower"], s["upper"]) - s["mean"]) / s["std"]

@@ -8,18 +8,22 @@ rebuilt from there by inference, so a checkpoint alone reproduces the input pipe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     ScaleIntensityd,
@@ -48,6 +52,10 @@ class Preprocessing:
         channel_stats: for "ct": per channel {"lower", "upper", "mean", "std"}.
         crop_foreground: crop each scan to its non-zero bounding box (nnU-Net does this for
             scans with a zero background, e.g. skull-stripped MRI).
+        zscore_nonzero: for "zscore": mean and std of the non-zero voxels of each channel only,
+            and zeros stay 0 (nnU-Net's normalisation within the foreground mask). None (the
+            default) follows ``crop_foreground``. Checkpoints written before this setting
+            existed load with False, the whole-image z-score they were trained with.
     """
 
     spatial_dims: int = 3
@@ -56,6 +64,7 @@ class Preprocessing:
     normalization: str = "zscore"
     channel_stats: list[dict[str, float]] = field(default_factory=list)
     crop_foreground: bool = False
+    zscore_nonzero: bool | None = None
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -70,6 +79,8 @@ class Preprocessing:
                 raise ValueError(f"spacing {self.spacing} must have {self.spatial_dims} positive "
                                  "entries")
         self.orientation = self.orientation[: self.spatial_dims]
+        if self.zscore_nonzero is None:
+            self.zscore_nonzero = bool(self.crop_foreground)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and YAML."""
@@ -79,20 +90,29 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        """Inverse of :meth:`as_dict`."""
-        return cls(**data)
+        """Inverse of :meth:`as_dict`; also reads dicts of checkpoints from before a setting.
 
-    def transforms(self, keys: Sequence[str] = ("image", "label")) -> Compose:
+        A dict without ``zscore_nonzero`` was fitted when "zscore" always used the whole
+        image, so it gets False whatever ``crop_foreground`` says.
+        """
+        return cls(**{"zscore_nonzero": False, **data})
+
+    def transforms(self, keys: Sequence[str] = ("image", "label"), max_label: int = 255
+                   ) -> Compose:
         """The MONAI chain from file names to a preprocessed, channel-first volume.
 
         Args:
             keys: "image" and, when labels are loaded, "label". A multi-channel case gives the
                 image as a list of files (one per channel), stacked into channels.
+            max_label: the largest label value of the dataset (dataset.json's labels); it picks
+                the label dtype (:func:`label_dtype`). A label file with values outside that
+                dtype's range raises ValueError naming the file instead of wrapping around.
 
         Returns:
             A Compose whose output holds ``image`` (C, *S) float32 and ``label`` (1, *S)
-            MetaTensors in the target orientation and spacing. It is invertible (MONAI
-            ``Invertd``), which inference uses to map predictions back onto the scan.
+            MetaTensors in the target orientation and spacing, the label as uint8 (int16 or
+            int32 for larger label values). It is invertible (MONAI ``Invertd``), which
+            inference uses to map predictions back onto the scan.
         """
         keys = list(keys)
         has_label = "label" in keys
@@ -110,14 +130,14 @@ class Preprocessing:
         steps.append(self._normalization())
         steps.append(EnsureTyped(keys, dtype=None))
         if has_label:
-            steps.append(EnsureTyped("label", dtype=np.uint8))
+            steps.append(CastLabeld("label", label_dtype(max_label)))
         return Compose(steps)
 
     def _normalization(self) -> Any:
         if self.normalization == "ct":
             return ClipAndNormalized("image", self.channel_stats)
         if self.normalization == "zscore":
-            return NormalizeIntensityd("image", channel_wise=True)
+            return NormalizeIntensityd("image", channel_wise=True, nonzero=self.zscore_nonzero)
         if self.normalization == "minmax":
             return ScaleIntensityd("image", minv=0.0, maxv=1.0, channel_wise=True)
         return EnsureTyped("image", dtype=np.float32)
@@ -125,6 +145,76 @@ class Preprocessing:
 
 def _nonzero(x: Any) -> Any:
     return x != 0
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """The smallest of uint8, int16 and int32 that holds label values 0..``max_label``.
+
+    Raises:
+        ValueError: if ``max_label`` is negative or beyond int32.
+    """
+    for dtype in (np.uint8, np.int16, np.int32):
+        if 0 <= max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"max_label={max_label} is not supported; label values must lie in "
+                     f"0..{np.iinfo(np.int32).max}")
+
+
+class CastLabeld(MapTransform):
+    """Cast integer label maps to ``dtype``, refusing values that the dtype cannot hold.
+
+    Args:
+        keys: keys of (1, *S) label maps (tensors; MetaTensors keep their metadata).
+        dtype: an integer dtype, e.g. from :func:`label_dtype`.
+    """
+
+    def __init__(self, keys: KeysCollection, dtype: np.dtype | type) -> None:
+        super().__init__(keys)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Cast every key; a value outside the dtype's range raises ValueError naming the file."""
+        d = dict(data)
+        limits = np.iinfo(self.dtype)
+        for key in self.key_iterator(d):
+            label = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key])
+            if label.numel():
+                low, high = float(label.min()), float(label.max())
+                if low < limits.min or high > limits.max:
+                    source = getattr(label, "meta", {}).get("filename_or_obj", key)
+                    raise ValueError(
+                        f"{source}: label values {low:g}..{high:g} do not fit {self.dtype.name}; "
+                        "declare every label value in dataset.json (the largest one picks the "
+                        "label dtype) or remove the undeclared values")
+            d[key] = label.to(getattr(torch, self.dtype.name))
+        return d
+
+
+def reader_affine(image: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """The 4×4 voxel-to-world affine of a loaded NIfTI file as the preprocessing reads it.
+
+    MONAI's NibabelReader repairs a header whose sform disagrees with its pixdim (an sform
+    rewritten without updating pixdim): it takes the qform instead (whose spacing is pixdim),
+    or, when that disagrees too, keeps the sform. Orientation and Spacing then work on that
+    affine, so everything fitted to the scans' geometry must read it the same way; nibabel's
+    ``image.affine`` is the sform whenever one is set. ``image`` is left unchanged.
+
+    Args:
+        image: a file opened with ``nibabel.load`` (the voxel data is not read).
+    """
+    copy = type(image).from_image(image) if isinstance(image, nib.Nifti1Pair) else image
+    return np.asarray(correct_nifti_header_if_necessary(copy).affine, dtype=float)
+
+
+def voxel_spacing(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """Voxel spacing along the voxel axes: the column norms of the affine, as MONAI computes it.
+
+    Args:
+        affine: the scan's 4×4 voxel-to-world affine (see :func:`reader_affine`).
+        spatial_dims: 2 or 3 (the upper-left 2×2 block for 2D scans, as MONAI reads them).
+    """
+    block = np.asarray(affine, dtype=float)[:spatial_dims, :spatial_dims]
+    return np.sqrt((block ** 2).sum(0))
 
 
 def oriented_spacing(affine: np.ndarray, zooms: Sequence[float], orientation: str) -> np.ndarray:
@@ -155,8 +245,9 @@ def fit_preprocessing(cases: Sequence[Case], *, spatial_dims: int, normalization
         cases: the training cases (validation cases must not leak into the statistics).
         spatial_dims: 2 or 3.
         normalization: see :class:`Preprocessing`.
-        spacing: "median" (the median spacing of ``cases``, as nnU-Net), explicit values, or
-            None to keep each scan's spacing.
+        spacing: "median" (the median spacing of ``cases``, as nnU-Net, read from the affine
+            that MONAI resamples by: see :func:`reader_affine`), explicit values, or None to
+            keep each scan's spacing.
         orientation: target axis codes.
         crop_foreground: see :class:`Preprocessing`.
         seed: seed for sampling foreground voxels for CT statistics.
@@ -166,9 +257,9 @@ def fit_preprocessing(cases: Sequence[Case], *, spatial_dims: int, normalization
     if spacing == "median":
         spacings = []
         for case in cases:
-            header_image = nib.load(str(case.images[0]))
-            zooms = header_image.header.get_zooms()[:spatial_dims]
-            spacings.append(oriented_spacing(header_image.affine, zooms, orientation))
+            affine = reader_affine(nib.load(str(case.images[0])))
+            spacings.append(oriented_spacing(affine, voxel_spacing(affine, spatial_dims),
+                                             orientation))
         target = tuple(float(s) for s in np.median(np.stack(spacings), axis=0))
     elif spacing is None or isinstance(spacing, str):
         if isinstance(spacing, str):
@@ -199,6 +290,11 @@ def _ct_statistics(cases: Sequence[Case], seed: int) -> list[dict[str, float]]:
         if len(channels) == 1 and channels[0].ndim == label.ndim + 1:  # MSD: channels last
             channels = list(np.moveaxis(channels[0], -1, 0))
         for c, image in enumerate(channels):
+            if image.shape != label.shape:
+                image_file = case.images[min(c, len(case.images) - 1)]
+                raise ValueError(f"{case.label}: shape {label.shape} differs from its image "
+                                 f"{image_file} {image.shape} (channel {c}); fix the files "
+                                 "(segmentation data check lists such problems)")
             values = image[mask]
             if values.size > _CT_SAMPLES_PER_CASE:
                 values = rng.choice(values, _CT_SAMPLES_PER_CASE, replace=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def load_or_create_splits(root: str | Path, case_ids: Sequence[str], n_folds: in
 
     Raises:
         DatasetError: naming splits.json if it is malformed, names unknown case ids, misses
-            some of ``case_ids`` or has a different number of folds.
+            some of ``case_ids``, validates a case in more than one fold, has a fold whose
+            train and val lists overlap or together miss a case, or has a different number
+            of folds. DatasetError is a ValueError.
         ValueError: if a new split cannot be made (see :func:`make_splits`).
     """
     path = Path(root) / SPLITS_JSON
@@ -109,23 +112,50 @@ def _read_splits(path: Path) -> list[Split]:
 
 def _validate_splits(path: Path, splits: list[Split], case_ids: Sequence[str],
                      n_folds: int) -> None:
-    """Check a stored split against the dataset's cases."""
+    """Check a stored split against the dataset's cases.
+
+    Every fold must list each case of the dataset exactly once, in ``train`` or in ``val``,
+    and every case must be validated in exactly one fold.
+    """
     known = set(case_ids)
-    listed = {i for fold in splits for side in ("train", "val") for i in fold[side]}
-    unknown = sorted(listed - known)
-    if unknown:
-        raise DatasetError(path, f"names case(s) that are not in the dataset: "
-                                 f"{', '.join(unknown)}; delete splits.json to re-split")
+    for k, fold in enumerate(splits):
+        for side in ("train", "val"):
+            unknown = sorted(set(fold[side]) - known)
+            if unknown:
+                raise DatasetError(path, f"names case(s) that are not in the dataset: "
+                                         f"{', '.join(unknown)} (fold {k} {side}); remove them "
+                                         "or delete splits.json to re-split")
     for k, fold in enumerate(splits):
         both = sorted(set(fold["train"]) & set(fold["val"]))
         if both:
-            raise DatasetError(path, f"fold {k} has case(s) on both sides: {', '.join(both)}")
-    validated = {i for fold in splits for i in fold["val"]}
-    unsplit = sorted(known - validated)
+            raise DatasetError(path, f"fold {k} has case(s) on both sides: {', '.join(both)}; "
+                                     f"keep each in either fold {k}'s train or its val list")
+        for side in ("train", "val"):
+            repeated = sorted(i for i, n in Counter(fold[side]).items() if n > 1)
+            if repeated:
+                raise DatasetError(path, f"fold {k} lists case(s) {', '.join(repeated)} more "
+                                         f"than once in {side}; list each once")
+    validated_in: dict[str, list[int]] = {}
+    for k, fold in enumerate(splits):
+        for i in fold["val"]:
+            validated_in.setdefault(i, []).append(k)
+    for i, folds in sorted(validated_in.items()):
+        if len(folds) > 1:
+            listing = ", ".join(map(str, folds))
+            raise DatasetError(path, f"case {i} is in the validation sets of folds {listing}; "
+                                     "keep it in one fold's val and move it to the train list "
+                                     "of the others")
+    unsplit = sorted(known - set(validated_in))
     if unsplit:
         raise DatasetError(path, f"case(s) {', '.join(unsplit)} are in no validation set (the "
                                  "dataset changed since the split was made); delete "
                                  "splits.json to re-split")
+    for k, fold in enumerate(splits):
+        left_out = sorted(known - set(fold["train"]) - set(fold["val"]))
+        if left_out:
+            raise DatasetError(path, f"fold {k} leaves out case(s) {', '.join(left_out)}: they "
+                                     "are in neither its train nor its val list; add them to "
+                                     f"fold {k}'s train list")
     if len(splits) != n_folds:
         raise DatasetError(path, f"has {len(splits)} folds but n_folds={n_folds} was asked for; "
                                  f"use n_folds={len(splits)} or delete splits.json to re-split")
