@@ -166,8 +166,15 @@ def test_datamodule_batches_have_network_shapes(synthetic, tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 1, *patch)
     assert batch["label"].shape == (2, 1, *net.output_shape(patch))
+    assert set(batch) == {"image", "label"}
+    volume = dm.volumes(dm.train_cases[:1])[0]  # class locations recorded with the volume
+    label = np.asarray(volume["label"])[0]
+    assert sorted(volume["class_locations"]) == sorted(int(v) for v in np.unique(label) if v)
+    for value, voxels in volume["class_locations"].items():
+        assert (label[tuple(voxels.T)] == value).all()
     val = next(iter(dm.val_dataloader()))
     assert val["image"].shape[:2] == (1, 1) and val["label"].shape[2:] == val["image"].shape[2:]
+    assert "class_locations" not in val
     assert any((tmp_path / "cache").iterdir())  # the disk cache was written
     first_key = dm.cache_key_dir()
     other = SegmentationDataModule(str(synthetic), patch_size=patch, normalization="minmax",

@@ -13,13 +13,14 @@ import monai
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.transforms import Compose
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from segmentation.data.check import check_dataset
 from segmentation.data.layout import Case, DatasetInfo, find_case_files, read_dataset
-from segmentation.data.patches import patch_transforms
+from segmentation.data.patches import CLASS_LOCATIONS, ClassLocationsd, patch_transforms
 from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
 from segmentation.data.slices import RandomSlices
 from segmentation.data.splits import fold_cases, load_or_create_splits
@@ -198,10 +199,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         return dict(self.info.label_names)
 
     def volumes(self, cases: Sequence[Case]) -> TorchDataset:
-        """Preprocessed whole volumes of ``cases``, cached as configured."""
+        """Preprocessed whole volumes of ``cases``, cached as configured.
+
+        Each holds ``image`` (C, *S), ``label`` (1, *S) and the label's ``class_locations``
+        (recorded once, with the cached volume, for forced-foreground crops). Training and
+        validation volumes share one chain, so a disk cache serves both.
+        """
         items = [case_item(c) for c in cases]
-        transform = self.preprocessing.transforms(("image", "label"),
-                                                  max_label=max(self.info.labels.values()))
+        transform = Compose([
+            self.preprocessing.transforms(("image", "label"),
+                                          max_label=max(self.info.labels.values())),
+            ClassLocationsd("label"),
+        ])
         if self.cache == "memory":
             return CacheDataset(items, transform, num_workers=self.num_workers or None,
                                 progress=False)
@@ -256,7 +265,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Whole preprocessed volumes, one per batch: image (1, C, *S), label (1, 1, *S)."""
         return DataLoader(self.volumes(self.val_cases), batch_size=1,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, collate_fn=collate_volumes)
 
     def test_dataloader(self) -> DataLoader:
         """The validation fold's volumes (held out from training), as for validation."""
@@ -274,3 +283,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         items = [case_item(c) for c in cases]
         return DataLoader(Dataset(items, self.preprocessing.transforms(("image",))),
                           batch_size=1, num_workers=self.num_workers)
+
+
+def collate_volumes(volumes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """MONAI's collation of whole volumes, without their ``class_locations`` (crops only)."""
+    return list_data_collate([{k: v for k, v in volume.items() if k != CLASS_LOCATIONS}
+                              for volume in volumes])
