@@ -71,6 +71,7 @@ def test_msd_without_test_list_reads_imagests_folder(tmp_path, make_msd):
     ("msd_no_training", r"dataset\.json: missing required key\(s\) training"),
     ("region_labels", r"dataset\.json: label 'liver' has value \[1, 2\]"),
     ("no_background", r"dataset\.json: labels must include background"),
+    ("gap_in_labels", r"dataset\.json: label values must be consecutive, 0 to 2 .*got \[0, 1, 3\]"),
 ])
 def test_bad_dataset_json_raises_naming_the_file(tmp_path, make_nnunet, make_msd, problem,
                                                  message):
@@ -89,6 +90,8 @@ def test_bad_dataset_json_raises_naming_the_file(tmp_path, make_nnunet, make_msd
         meta["labels"]["liver"] = [1, 2]
     elif problem == "no_background":
         del meta["labels"]["background"]
+    elif problem == "gap_in_labels":
+        meta["labels"]["tumour"] = 3
     if problem not in ("missing", "invalid"):
         path.write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match=message):

@@ -229,7 +229,8 @@ def test_lightning_keeps_the_rank_generator_when_adding_a_distributed_sampler(sy
 def test_label_values_beyond_255_are_kept(tmp_path, make_nnunet):
     root = make_nnunet(tmp_path / "ds", channels=("MR",))
     meta = json.loads((root / "dataset.json").read_text())
-    meta["labels"] = {"background": 0, "liver": 1, "vessel": 300}
+    # 301 consecutive labels (a whole-body atlas has this many); the files use 0, 1 and 300
+    meta["labels"] = {"background": 0, **{f"structure_{v}": v for v in range(1, 301)}}
     (root / "dataset.json").write_text(json.dumps(meta))
     for path in sorted((root / "labelsTr").iterdir()):
         label = nib.load(str(path))

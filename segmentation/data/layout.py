@@ -237,12 +237,17 @@ def _msd_labels(value: Any, path: Path) -> dict[str, int]:
 
 
 def _validated_labels(labels: dict[str, int], path: Path) -> dict[str, int]:
-    """Require distinct values and a background (0)."""
+    """Require distinct, consecutive values from background (0) on."""
     values = list(labels.values())
     if len(set(values)) != len(values):
         raise DatasetError(path, f"labels has repeated values: {labels}")
     if 0 not in values:
         raise DatasetError(path, "labels must include background with value 0")
+    if sorted(values) != list(range(len(values))):
+        # the network has one output channel per label, indexed by the label's value
+        raise DatasetError(path, f"label values must be consecutive, 0 to {len(values) - 1} "
+                                 f"(as nnU-Net requires), got {sorted(values)}; renumber them in "
+                                 "dataset.json and the label files")
     return labels
 
 
