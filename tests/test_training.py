@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -124,26 +125,141 @@ def test_network_not_matching_the_dataset_is_refused(tiny3d, tmp_path):
 
 
 class NaNNet(nn.Module):
-    """Outputs NaN logits: a stand-in for a diverged network."""
+    """Outputs NaN logits on the calls numbered in ``nan_calls``: a diverging network."""
 
-    def __init__(self) -> None:
+    def __init__(self, nan_calls: set[int] | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv3d(1, 4, 1)
+        self.nan_calls = nan_calls
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) * float("nan")
+        nan = self.nan_calls is None or self.calls in self.nan_calls
+        self.calls += 1
+        return self.conv(x) * float("nan") if nan else self.conv(x)
 
 
-def test_nonfinite_loss_stops_naming_the_step_or_skips(tiny3d):
-    batch = {"image": torch.randn(2, 1, 8, 8, 8), "label": torch.zeros(2, 1, 8, 8, 8).long()}
-    module = SegmentationModule(NaNNet(), patch_size=(8, 8, 8))
-    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at global step 0"):
-        module.training_step(batch, 0)
-    skipping = SegmentationModule(NaNNet(), patch_size=(8, 8, 8), nonfinite_loss="skip")
-    with pytest.warns(RuntimeWarning, match="batch skipped"):
-        assert skipping.training_step(batch, 0) is None
+class WeightsAfterEachStep(pl.Callback):
+    """Copies of the network's parameters after every training batch."""
+
+    def __init__(self) -> None:
+        self.weights: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append([p.detach().clone() for p in pl_module.parameters()])
+
+
+def fit_on_random_patches(module: SegmentationModule, steps: int,
+                          *callbacks: pl.Callback) -> pl.Trainer:
+    patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}
+               for _ in range(steps)]
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         gradient_clip_val=1.0, callbacks=list(callbacks))
+    trainer.fit(module, torch.utils.data.DataLoader(patches, batch_size=1))
+    return trainer
+
+
+def test_nonfinite_loss_stops_naming_step_epoch_and_batch():
+    module = SegmentationModule(NaNNet(nan_calls={1}), patch_size=(8, 8, 8))
+    where = r"non-finite loss \(nan\) at global step 1 \(epoch 0, batch 1\); training stopped"
+    with pytest.raises(NonFiniteLossError, match=where):
+        fit_on_random_patches(module, 3)
     with pytest.raises(ValueError, match="nonfinite_loss='ignore'"):
         SegmentationModule(NaNNet(), nonfinite_loss="ignore")
+
+
+def test_nonfinite_loss_skip_leaves_weights_and_momentum_untouched_then_trains_on():
+    torch.manual_seed(0)
+    module = SegmentationModule(NaNNet(nan_calls={0}), patch_size=(8, 8, 8),
+                                nonfinite_loss="skip")  # default SGD: momentum, weight decay
+    initial = [p.detach().clone() for p in module.parameters()]
+    seen = WeightsAfterEachStep()
+    with pytest.warns(RuntimeWarning, match=r"at global step 0 \(epoch 0, batch 0\); batch "
+                                            "skipped"):
+        trainer = fit_on_random_patches(module, 2, seen)
+    assert trainer.global_step == 2  # the skipped batch still counts as a step
+    assert all(torch.equal(a, b) for a, b in zip(seen.weights[0], initial, strict=True))
+    after = seen.weights[1]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert not all(torch.equal(a, b) for a, b in zip(after, initial, strict=True))
+
+
+DDP_NONFINITE = """
+import json, os, warnings
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from segmentation.training.module import NonFiniteLossError, SegmentationModule
+
+warnings.simplefilter("ignore")
+
+
+class RankOneNaN(nn.Module):  # a diverged network on process 1 only
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x) * (float("nan") if torch.distributed.get_rank() == 1 else 1.0)
+
+
+def fit(mode):
+    torch.manual_seed(0)
+    module = SegmentationModule(RankOneNaN(), patch_size=(4, 4, 4), nonfinite_loss=mode)
+    initial = [p.detach().clone() for p in module.parameters()]
+    patches = [{"image": torch.randn(1, 4, 4, 4), "label": torch.ones(1, 4, 4, 4).long()}] * 2
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    try:
+        trainer.fit(module, torch.utils.data.DataLoader(patches, batch_size=1))
+    except NonFiniteLossError as error:
+        return str(error)
+    return all(torch.equal(a, b) for a, b in zip(initial, module.parameters()))
+
+
+print(json.dumps({"rank": int(os.environ["LOCAL_RANK"]), "skip": fit("skip"),
+                  "stop": fit("stop")}), flush=True)
+torch.distributed.destroy_process_group()  # gloo threads left running can abort the exit
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_nonfinite_loss_on_one_process_is_handled_by_all_without_hanging(tmp_path):
+    script = tmp_path / "ddp_nonfinite.py"
+    script.write_text(DDP_NONFINITE)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "NODE_RANK": "0", "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, str(script)], env={**env, "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:  # a process waiting forever in an all-reduce
+                p.kill()
+                p.wait()
+    results = {}
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+        result = json.loads(stdout.strip().splitlines()[-1])
+        results[result["rank"]] = result
+    # skip: both processes skip the step; the NaN gradients reach neither's weights
+    assert results[0]["skip"] is True and results[1]["skip"] is True
+    # stop: both raise at the same step, naming where the loss went non-finite
+    assert results[0]["stop"].startswith("non-finite loss on another process at global step 0")
+    assert results[1]["stop"].startswith("non-finite loss (nan) at global step 0 (epoch 0, "
+                                         "batch 0)")
 
 
 def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d, tmp_path):
@@ -172,12 +288,60 @@ def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     assert state and all(key.startswith("net.") for key in state)  # the network, once
     rebuilt = load_module(path)
+    meta = torch.load(path, map_location="cpu", weights_only=False)["segmentation"]
+    assert meta["output_patch_size"] == list(dm.output_size)
+    resaved: dict = {}
+    rebuilt.on_save_checkpoint(resaved)  # what saving the loaded module again writes
+    assert resaved["segmentation"] == meta
     assert rebuilt.preprocessing == dm.preprocessing.as_dict()
     assert rebuilt.label_names == {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
     assert list(rebuilt.hparams.patch_size) == [24, 24, 16]
     x = torch.randn(1, 1, 24, 24, 16)
     with torch.no_grad():
         assert torch.equal(rebuilt.net(x), module.eval().net(x))
+
+
+class LastCheckpointSteps(pl.Callback):
+    """The global step stored in the run's last.ckpt at the start of every epoch after the first."""
+
+    def __init__(self, last: Path) -> None:
+        self.last = last
+        self.steps: dict[int, int | None] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch >= 1:
+            self.steps[trainer.current_epoch] = global_step(self.last) if self.last.exists() \
+                else None
+
+
+def test_last_checkpoint_written_every_epoch_and_found_by_validate(tiny3d, tmp_path):
+    last = tmp_path / "test" / "version_0" / "checkpoints" / "last.ckpt"
+    seen = LastCheckpointSteps(last)
+    args = fit_args(tiny3d, tmp_path, 3, "same", "--trainer.max_epochs", "3",
+                    "--data.patches_per_epoch", "2", "--trainer.check_val_every_n_epoch", "100")
+    SegmentationCLI(args=args, trainer_defaults={"callbacks": [seen]})  # one step per epoch
+    assert seen.steps == {1: 1, 2: 2}  # a run killed in epoch 2 resumes from step 2
+
+    # validate --ckpt_path last: the fitted weights, not the new version folder's nothing
+    validated = SegmentationCLI(args=["validate", *args[1:], "--ckpt_path", "last"])
+    assert validated.trainer.ckpt_path == str(last)
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, state[k]) for k, v in validated.model.state_dict().items())
+    with pytest.raises(ValueError, match="no last.ckpt under"):
+        SegmentationCLI(args=["test", *args[1:], "--ckpt_path", "last", "--name", "other"])
+
+
+def test_fit_without_a_logger_adds_no_learning_rate_monitor(tiny3d, tmp_path):
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    cli = SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same", "--trainer.logger", "false",
+                                        "--trainer.max_steps", "1",
+                                        "--trainer.limit_val_batches", "0"))
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+    assert not (tmp_path / "test" / "version_0").exists()
+    with_logger = SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same")[1:], run=False)
+    assert any(isinstance(c, LearningRateMonitor) for c in with_logger.trainer.callbacks)
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -9,13 +9,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 class LastCheckpoint(ModelCheckpoint):
     """Writes ``last.ckpt`` at the end of every training epoch and, optionally, every N steps.
 
-    Lightning's ModelCheckpoint saves either every N steps or at epoch ends, so a run that
-    checkpoints every N steps would end with a last.ckpt up to N − 1 steps old. This adds the
-    epoch-end save (through ModelCheckpoint's own last-checkpoint routine). Epoch ends are
-    training-epoch ends whatever the validation schedule.
+    A ModelCheckpoint that keeps no top-k checkpoints only writes "last" after a top-k save,
+    that is, at the end of training; a run killed before then would leave nothing to resume
+    from. This one writes last.ckpt at every training-epoch end (whatever the validation
+    schedule) unless it was already written at that global step, and with
+    ``every_n_train_steps`` also every N steps, so a killed run loses at most N − 1 steps.
 
     Args:
-        every_n_train_steps: save every this many steps; None saves at epoch ends only.
+        every_n_train_steps: also save every this many steps; None saves at epoch ends only.
     """
 
     def __init__(self, every_n_train_steps: int | None = None) -> None:
@@ -23,7 +24,7 @@ class LastCheckpoint(ModelCheckpoint):
                          save_on_train_epoch_end=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save last.ckpt at the epoch end too when saving every N steps."""
+        """Save last.ckpt unless it was already saved at this global step."""
         super().on_train_epoch_end(trainer, pl_module)
-        if self._every_n_train_steps and not self._should_skip_saving_checkpoint(trainer):
+        if not self._should_skip_saving_checkpoint(trainer):  # also: saved at this step
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -89,12 +89,14 @@ class SegmentationCLI(LightningCLI):
         Loggers (TensorBoard and CSV in one new ``runs_dir/name/version_N`` folder) are made
         here rather than written into the config, so a run's saved config.yaml can be reused
         as it is and still gets a fresh folder. Added callbacks: checkpoints (best by val/dice,
-        and last), a rich progress bar and learning-rate logging; a callback type the config
-        already names is not added twice.
+        and last), a rich progress bar and, when there is a logger (not with
+        ``--trainer.logger false``), learning-rate logging; a callback type the config already
+        names is not added twice.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = self._get(self.config_init, "trainer", default={})
-        if trainer.get("logger") in (None, True):
+        logger = trainer.get("logger")
+        if logger in (None, True):
             version = next_version(Path(config.runs_dir) / config.name)
             kwargs["logger"] = [
                 TensorBoardLogger(config.runs_dir, name=config.name, version=version,
@@ -107,24 +109,49 @@ class SegmentationCLI(LightningCLI):
                             filename="best-{epoch:03d}", auto_insert_metric_name=False),
             LastCheckpoint(every_n_train_steps=every),
             RichProgressBar(),
-            LearningRateMonitor(logging_interval="step"),
         ]
+        if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
+            extra.append(LearningRateMonitor(logging_interval="step"))
         configured = trainer.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         kinds = {type(c) for c in configured}
         kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds]
         return super().instantiate_trainer(**kwargs)
 
-    def before_fit(self) -> None:
-        """Resolve ``--ckpt_path last`` to the newest last.ckpt of this run name."""
+    def resolve_last_checkpoint(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest last.ckpt of this run name.
+
+        Lightning would look for it only in this run's new, empty version folder (and, outside
+        ``fit``, go on with untrained weights); the run's earlier versions hold it.
+
+        Raises:
+            ValueError: if no version of the run has a last.ckpt.
+        """
         init = self.config_init[self.subcommand]
         if init.get("ckpt_path") == "last":
             config = self.config[self.subcommand]
             found = newest_last_checkpoint(Path(config.runs_dir) / config.name)
             if found is None:
                 raise ValueError(f"--ckpt_path last: no last.ckpt under "
-                                 f"{Path(config.runs_dir) / config.name}/version_*/checkpoints")
+                                 f"{Path(config.runs_dir) / config.name}/version_*/checkpoints; "
+                                 "train first or pass a checkpoint file as --ckpt_path")
             init["ckpt_path"] = str(found)
+
+    def before_fit(self) -> None:
+        """Resume from ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
+        self.resolve_last_checkpoint()
+
+    def before_validate(self) -> None:
+        """Validate ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
+        self.resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        """Test ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
+        self.resolve_last_checkpoint()
+
+    def before_predict(self) -> None:
+        """Predict with ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
+        self.resolve_last_checkpoint()
 
 
 def run_lightning(args: Sequence[str] | None) -> int:

@@ -1,14 +1,10 @@
-"""Training loss: MONAI's Dice + cross-entropy, with deep supervision weighted by resolution."""
+"""Training loss: MONAI's Dice + cross-entropy, with nnU-Net's deep-supervision weighting."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
-
-from segmentation.nets.blocks import center_crop
 
 
 def default_loss() -> nn.Module:
@@ -17,13 +13,90 @@ def default_loss() -> nn.Module:
                       smooth_nr=1e-5, smooth_dr=1e-5)
 
 
-class SegmentationLoss(nn.Module):
-    """A loss on logits, applied to every deep-supervision output with weights 1, 1/2, 1/4.
+def deep_supervision_weights(outputs: int) -> list[float]:
+    """nnU-Net's deep-supervision weights for ``outputs`` outputs, full resolution first.
 
-    MONAI's DeepSupervisionLoss resizes the label to each output (nearest) and weights the
-    terms exponentially. A "valid" network's lower decoder levels see a larger region than its
-    output, so each auxiliary output is first center-cropped to the region of the main output
-    (``size / 2**level``), keeping every term aligned with its label.
+    Output ``l`` (``2**l`` times coarser than the main output) gets ``1 / 2**l``, the
+    lowest-resolution output gets 0, and the weights are normalised to sum to 1; for 5 outputs:
+    8/15, 4/15, 2/15, 1/15, 0. A single output gets weight 1.
+
+    Args:
+        outputs: number of outputs, the main one included.
+
+    Returns:
+        ``outputs`` weights summing to 1.
+
+    Raises:
+        ValueError: if ``outputs`` is less than 1.
+    """
+    if outputs < 1:
+        raise ValueError(f"outputs={outputs}; deep supervision needs at least the main output")
+    weights = [0.5 ** level for level in range(outputs)]
+    if outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def deep_supervision_pair(output: torch.Tensor, label: torch.Tensor, level: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An auxiliary output and the label on its grid, voxel for voxel.
+
+    Voxel ``i`` of decoder level ``l`` stands for the ``2**l`` main-output voxels
+    ``[b + i·2**l, b + (i + 1)·2**l)`` along each axis, where the level's grid of ``T·2**l``
+    main-output voxels (``T`` auxiliary voxels) overhangs the ``S`` output voxels by
+    ``⌊(T·2**l − S) / 2⌋`` before (``b`` is minus that) and the rest after. In "valid" mode a
+    lower level sees more than the output and, every layer being symmetric about the centre,
+    the overhang is the same on both sides; in "same" mode the grid covers the input padded
+    to a multiple of ``2**depth``, ``⌊padding / 2⌋`` of it before. Only auxiliary voxels whose
+    whole block lies inside the labelled output are kept, and each gets the label of voxel
+    ``2**(l−1)`` of its block (the voxel ``nearest-exact`` resizing samples), so the target is
+    an exact downsampling of the label rather than a label resized onto a misaligned region.
+
+    Args:
+        output: (B, K, *T) logits of decoder level ``level``.
+        label: (B, 1, *S) integer label of the main output.
+        level: decoder level, 1 for half resolution.
+
+    Returns:
+        The cropped output (B, K, *T') and its (B, 1, *T') label, of the label's dtype.
+
+    Raises:
+        ValueError: if ``level`` is not positive, the dimensions differ, or no whole block of
+            this level fits inside the output along some axis (enlarge ``data.patch_size``).
+    """
+    if level < 1:
+        raise ValueError(f"level={level}; auxiliary outputs start at level 1")
+    if output.ndim != label.ndim:
+        raise ValueError(f"output {tuple(output.shape)} and label {tuple(label.shape)} differ "
+                         "in dimensions; pass (B, K, *T) logits and a (B, 1, *S) label")
+    stride = 2 ** level
+    out_slices: list[slice] = [slice(None), slice(None)]
+    label_slices: list[slice] = [slice(None), slice(None)]
+    for axis, (size, aux) in enumerate(zip(label.shape[2:], output.shape[2:], strict=True)):
+        start = -((aux * stride - size) // 2)       # main-output index where the grid begins
+        first = max(0, -(start // stride))          # first block with start + i·stride ≥ 0
+        stop = min(aux, (size - start) // stride)   # blocks ending at or before ``size``
+        if stop <= first:
+            raise ValueError(f"deep supervision level {level}: an output of {size} voxels along "
+                             f"axis {axis} holds no whole {stride}-voxel block of the level's "
+                             f"grid; enlarge data.patch_size or turn deep_supervision off")
+        out_slices.append(slice(first, stop))
+        centre = start + stride // 2
+        label_slices.append(slice(centre + first * stride, centre + (stop - 1) * stride + 1,
+                                  stride))
+    return output[tuple(out_slices)], label[tuple(label_slices)]
+
+
+class SegmentationLoss(nn.Module):
+    """A loss on logits, applied to every deep-supervision output with nnU-Net's weights.
+
+    With deep supervision, output ``l`` is weighted ``1 / 2**l``, the lowest-resolution one 0,
+    normalised to sum 1 (:func:`deep_supervision_weights`, through MONAI's
+    DeepSupervisionLoss), and each auxiliary output is paired with an exact downsampling of the
+    label on its own grid (:func:`deep_supervision_pair`), which holds for "valid" networks,
+    whose lower levels see more than the output, and for patches that are not a multiple of
+    ``2**depth``. The wrapped loss always receives integer (long) labels.
 
     Args:
         loss: loss on (B, K, *S) logits and (B, 1, *S) integer labels.
@@ -32,18 +105,36 @@ class SegmentationLoss(nn.Module):
     def __init__(self, loss: nn.Module | None = None) -> None:
         super().__init__()
         self.loss = loss if loss is not None else default_loss()
-        self.deep = DeepSupervisionLoss(self.loss, weight_mode="exp")
+        self._deep: dict[int, DeepSupervisionLoss] = {}  # by number of outputs
+
+    def deep_supervision(self, outputs: int) -> DeepSupervisionLoss:
+        """MONAI's DeepSupervisionLoss around ``loss`` with the weights for ``outputs`` outputs."""
+        if outputs not in self._deep:
+            self._deep[outputs] = DeepSupervisionLoss(
+                self.loss, weights=deep_supervision_weights(outputs))
+        return self._deep[outputs]
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], label: torch.Tensor
                 ) -> torch.Tensor:
-        """Loss of logits (or [main, aux_1, …] logits) against a (B, 1, *S) label."""
+        """Weighted loss of the main logits and any deep-supervision outputs.
+
+        Args:
+            outputs: (B, K, *S) logits, or with deep supervision ``[(B, K, *S), (B, K, *T_1),
+                …, (B, K, *T_{d−1})]``: the main logits, then decoder level ``l`` = 1 … d − 1.
+            label: (B, 1, *S) integer label of the main output.
+
+        Returns:
+            The scalar loss.
+        """
+        label = label.long()
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, label)
-        main_size = outputs[0].shape[2:]
-        aligned = [outputs[0]]
-        for level, aux in enumerate(outputs[1:], start=1):
-            region = [min(max(1, math.ceil(s / 2 ** level)), a)
-                      for s, a in zip(main_size, aux.shape[2:], strict=True)]
-            region = [r + (a - r) % 2 for r, a in zip(region, aux.shape[2:], strict=True)]
-            aligned.append(center_crop(aux, region))
-        return self.deep(aligned, label.float())  # nearest resizing needs a float label
+        deep = self.deep_supervision(len(outputs))
+        weights = deep.get_weights(len(outputs))
+        loss = weights[0] * deep.get_loss(outputs[0].float(), label)
+        for level, (weight, output) in enumerate(zip(weights[1:], outputs[1:], strict=True),
+                                                 start=1):
+            if weight > 0:
+                output, target = deep_supervision_pair(output, label, level)
+                loss = loss + weight * deep.get_loss(output.float(), target)
+        return loss

@@ -30,8 +30,8 @@ class SegmentationModule(pl.LightningModule):
 
     Args:
         net: the network; configs name it with class_path/init_args.
-        loss: loss on logits and labels (default: Dice + cross-entropy); deep-supervision
-            outputs are weighted 1, ½, ¼, … around it.
+        loss: loss on logits and integer labels (default: Dice + cross-entropy); deep-supervision
+            outputs are weighted as nnU-Net does around it (see SegmentationLoss).
         optimizer: optimizer factory (default: SGD, Nesterov momentum 0.99, lr 1e-2, weight
             decay 3e-5, as nnU-Net).
         lr_scheduler: scheduler factory (default: poly decay ``(1 − step/total)^0.9`` per step).
@@ -42,7 +42,9 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: windows per forward pass in validation.
         mirror_tta: mirror test-time augmentation in validation and test.
         compile: run the network through ``torch.compile``.
-        nonfinite_loss: "stop" (raise, naming the step) or "skip" (skip the batch, warn).
+        nonfinite_loss: what a NaN or infinite loss on any process does: "stop" (every process
+            raises NonFiniteLossError naming the step) or "skip" (warn and skip the optimizer
+            step that the batch belongs to on every process: its gradients are dropped).
         test_hd95: compute HD95 in ``test``.
         net_config: class_path/init_args of ``net`` (filled in by the CLI; our UNet records its
             own), stored so a checkpoint alone rebuilds the network.
@@ -80,6 +82,7 @@ class SegmentationModule(pl.LightningModule):
         self.preprocessing: dict[str, Any] | None = None
         self.label_names: dict[int, str] = {}
         self.output_patch_size: list[int] | None = None
+        self._skip_optimizer_step = False
         self._val_rows: list[dict] = []
         self._test_rows: list[dict] = []
 
@@ -126,6 +129,8 @@ class SegmentationModule(pl.LightningModule):
         meta = checkpoint.get("segmentation", {})
         self.preprocessing = meta.get("preprocessing")
         self.label_names = {int(k): v for k, v in (meta.get("label_names") or {}).items()}
+        output_patch_size = meta.get("output_patch_size")
+        self.output_patch_size = list(output_patch_size) if output_patch_size else None
 
     @property
     def foreground_names(self) -> list[str]:
@@ -142,21 +147,55 @@ class SegmentationModule(pl.LightningModule):
                          slice_axis=self.hparams.slice_axis)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """One step on a batch of patches: image (B, C, *in), label (B, 1, *out)."""
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One step on a batch of patches.
+
+        A non-finite loss on any process is handled on all of them together, so no process is
+        left waiting in a gradient all-reduce: "stop" raises NonFiniteLossError everywhere;
+        "skip" still returns the loss (the backward pass and its all-reduce run as usual) and
+        :meth:`on_before_optimizer_step` drops the gradients so the optimizer leaves the weights
+        (and its momentum) untouched.
+
+        Args:
+            batch: image (B, C, *in) and label (B, 1, *out).
+            batch_idx: index of the batch in the epoch.
+
+        Returns:
+            The scalar loss.
+
+        Raises:
+            NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss is NaN or infinite on
+                any process.
+        """
         outputs = self(batch["image"])
         loss = self.loss_fn(outputs, batch["label"])
-        if not torch.isfinite(loss):
-            where = (f"non-finite loss ({loss.item()}) at global step {self.global_step} "
-                     f"(epoch {self.current_epoch}, batch {batch_idx})")
+        local = not bool(torch.isfinite(loss))
+        anywhere = (self.trainer.strategy.reduce_boolean_decision(local, all=False)
+                    if self._trainer is not None else local)
+        if anywhere:
+            value = (f"non-finite loss ({loss.item()})" if local
+                     else "non-finite loss on another process")
+            where = (f"{value} at global step {self.global_step} (epoch {self.current_epoch}, "
+                     f"batch {batch_idx})")
             if self.hparams.nonfinite_loss == "stop":
                 raise NonFiniteLossError(f"{where}; training stopped. Lower the learning rate, "
                                          "check the data, or set nonfinite_loss: skip")
             warnings.warn(f"{where}; batch skipped", RuntimeWarning, stacklevel=1)
-            return None
+            self._skip_optimizer_step = True
+            return loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["image"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a step that saw a non-finite loss (``nonfinite_loss: skip``).
+
+        Parameters without a gradient are left alone by the optimizer (no update, no weight
+        decay, no momentum); with gradient accumulation the whole accumulated step is skipped.
+        """
+        if self._skip_optimizer_step:
+            self._skip_optimizer_step = False
+            optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""
