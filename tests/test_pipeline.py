@@ -276,6 +276,28 @@ def test_disk_cache_reads_a_rewritten_image_again(synth_copy, tmp_path):
     assert dm.volumes([case])[0]["image"].equal(after)  # and the new entry is reused
 
 
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_volumes_are_not_read_or_preprocessed_again(synthetic, tmp_path, cache,
+                                                           monkeypatch):
+    """The whole chain, class locations (its last step) included, is what the cache keeps."""
+    from segmentation.data import patches
+
+    calls = []
+    record = patches.ClassLocationsd.__call__
+    monkeypatch.setattr(patches.ClassLocationsd, "__call__",
+                        lambda self, data: calls.append(1) or record(self, data))
+    dm = SegmentationDataModule(str(synthetic), patch_size=(16, 16, 16), cache=cache,
+                                cache_dir=str(tmp_path / "cache"), num_workers=0, check=False)
+    dm.setup("fit")
+    volumes = dm.volumes(dm.train_cases[:2])
+    first = [volumes[i] for i in range(2)]  # the disk cache fills on first access
+    assert len(calls) == 2
+    again = [volumes[i] for i in range(2)]
+    assert len(calls) == 2  # served from the cache, not preprocessed again
+    assert all(a["image"].equal(f["image"]) and "class_locations" in a
+               for a, f in zip(again, first, strict=True))
+
+
 def write_sphere_case(folder: Path, rng: np.random.Generator) -> tuple[str, str]:
     """An image that is zero outside a ball (bright, noisy inside) and the ball as label."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (24, 24, 20)], indexing="ij"))

@@ -206,11 +206,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         validation volumes share one chain, so a disk cache serves both.
         """
         items = [case_item(c) for c in cases]
-        transform = Compose([
-            self.preprocessing.transforms(("image", "label"),
-                                          max_label=max(self.info.labels.values())),
-            ClassLocationsd("label"),
-        ])
+        preprocessing = self.preprocessing.transforms(("image", "label"),
+                                                      max_label=max(self.info.labels.values()))
+        # one flat chain: the caches keep everything before the first Randomizable step, and a
+        # nested Compose is one
+        transform = Compose([*preprocessing.transforms, ClassLocationsd("label")])
         if self.cache == "memory":
             return CacheDataset(items, transform, num_workers=self.num_workers or None,
                                 progress=False)
