@@ -331,17 +331,20 @@ def test_last_checkpoint_written_every_epoch_and_found_by_validate(tiny3d, tmp_p
         SegmentationCLI(args=["test", *args[1:], "--ckpt_path", "last", "--name", "other"])
 
 
-def test_fit_without_a_logger_adds_no_learning_rate_monitor(tiny3d, tmp_path):
-    from pytorch_lightning.callbacks import LearningRateMonitor
+def test_fit_without_a_logger_or_progress_bar_adds_neither_monitor_nor_bar(tiny3d, tmp_path):
+    from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 
     cli = SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same", "--trainer.logger", "false",
+                                        "--trainer.enable_progress_bar", "false",
                                         "--trainer.max_steps", "1",
                                         "--trainer.limit_val_batches", "0"))
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
-    assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+    assert not any(isinstance(c, LearningRateMonitor | RichProgressBar)
+                   for c in cli.trainer.callbacks)
     assert not (tmp_path / "test" / "version_0").exists()
     with_logger = SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same")[1:], run=False)
     assert any(isinstance(c, LearningRateMonitor) for c in with_logger.trainer.callbacks)
+    assert any(isinstance(c, RichProgressBar) for c in with_logger.trainer.callbacks)
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -89,7 +89,8 @@ class SegmentationCLI(LightningCLI):
         Loggers (TensorBoard and CSV in one new ``runs_dir/name/version_N`` folder) are made
         here rather than written into the config, so a run's saved config.yaml can be reused
         as it is and still gets a fresh folder. Added callbacks: checkpoints (best by val/dice,
-        and last), a rich progress bar and, when there is a logger (not with
+        and last), a rich progress bar (unless ``--trainer.enable_progress_bar false``) and,
+        when there is a logger (not with
         ``--trainer.logger false``), learning-rate logging; a callback type the config already
         names is not added twice.
         """
@@ -108,8 +109,9 @@ class SegmentationCLI(LightningCLI):
             ModelCheckpoint(monitor="val/dice", mode="max", save_top_k=1,
                             filename="best-{epoch:03d}", auto_insert_metric_name=False),
             LastCheckpoint(every_n_train_steps=every),
-            RichProgressBar(),
         ]
+        if trainer.get("enable_progress_bar") is not False:  # Lightning refuses a bar when off
+            extra.append(RichProgressBar())
         if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
             extra.append(LearningRateMonitor(logging_interval="step"))
         configured = trainer.get("callbacks") or []
