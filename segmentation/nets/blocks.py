@@ -45,6 +45,18 @@ class ConvUnit(nn.Sequential):
     S' = S − (kernel_size − 1) in "valid" mode (where only stride 1 exists).
     ``output_size`` leaves the halving of a strided unit to the encoder, which accounts for
     every downsampling in one place.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels.
+        kernel_size: odd kernel size.
+        padding: "same" (zero padding of kernel_size // 2) or "valid" (none).
+        norm: normalisation by name (see :func:`layers.norm`).
+        act: activation by name (see :func:`layers.act`).
+        dropout: dropout probability after the activation (0: none).
+        bias: convolution bias.
+        stride: convolution stride (2 downsamples, "same" mode only).
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, *, kernel_size: int = 3,
@@ -71,6 +83,15 @@ class PlainBlock(nn.Sequential):
     """``num_convs`` ConvUnits; the first maps ``in_ch`` to ``out_ch`` (with ``stride``).
 
     Shapes: (N, in_ch, *S) → (N, out_ch, *S') with S' = S − num_convs·(k − 1) in "valid" mode.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels of every unit.
+        num_convs: number of ConvUnits (≥ 1).
+        stride: stride of the first unit.
+        unit_kwargs: kernel_size, padding, norm, act, dropout, bias of every
+            :class:`ConvUnit`.
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, num_convs: int, *,
@@ -100,6 +121,18 @@ class ResidualBlock(nn.Module):
 
     Shapes: (N, in_ch, *S) → (N, out_ch, *S') with S' = S / stride (same) or S − 2·(k − 1)
     (valid, stride 1). As for ConvUnit, ``output_size`` leaves the halving to the encoder.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels.
+        kernel_size: odd kernel size.
+        padding: "same" (zero padding of kernel_size // 2) or "valid" (none).
+        norm: normalisation by name (see :func:`layers.norm`).
+        act: activation by name (see :func:`layers.act`).
+        dropout: dropout probability before the second convolution (0: none).
+        bias: convolution bias.
+        stride: stride of the first convolution and of the projection shortcut.
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, *, kernel_size: int = 3,
@@ -144,6 +177,15 @@ class ResidualStage(nn.Sequential):
 
     The first encoder level starts with a stem (a ConvUnit from the image channels), as
     pre-activation networks do, so the first residual block never normalises raw intensities.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels of every block.
+        num_blocks: number of :class:`ResidualBlock` (≥ 1).
+        stem: start with a plain :class:`ConvUnit` from ``in_ch`` to ``out_ch``.
+        stride: stride of the first residual block.
+        block_kwargs: kernel_size, padding, norm, act, dropout, bias of every block.
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, num_blocks: int, *,

@@ -36,13 +36,32 @@ def check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> str:
 
 def conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, *, padding: int = 0,
          stride: int = 1, bias: bool = True) -> nn.Module:
-    """A ``spatial_dims``-D convolution."""
+    """A ``spatial_dims``-D convolution, (N, in_ch, *S) → (N, out_ch, *S').
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels.
+        kernel_size: kernel size along every axis.
+        padding: zero padding on each side.
+        stride: stride along every axis.
+        bias: learn a bias per output channel.
+    """
     conv_type = Conv[Conv.CONV, spatial_dims]
     return conv_type(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=bias)
 
 
 def transposed_conv(spatial_dims: int, in_ch: int, out_ch: int, *, bias: bool = True) -> nn.Module:
-    """A 2× up-convolution (kernel 2, stride 2) as in the original U-Net."""
+    """A 2× up-convolution (kernel 2, stride 2) as in the original U-Net.
+
+    Shapes: (N, in_ch, *S) → (N, out_ch, *2S).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels.
+        bias: learn a bias per output channel.
+    """
     conv_type = Conv[Conv.CONVTRANS, spatial_dims]
     return conv_type(in_ch, out_ch, kernel_size=2, stride=2, bias=bias)
 
@@ -51,6 +70,14 @@ def norm(name: str | None, spatial_dims: int, channels: int) -> nn.Module:
     """Normalisation layer by name; ``"none"``/``None`` gives an identity.
 
     Group norm uses up to 8 groups, the largest count that divides ``channels``.
+
+    Args:
+        name: "instance", "batch", "group" or "none"/None (any case).
+        spatial_dims: 2 or 3 (picks the 2D or 3D instance or batch norm).
+        channels: channels of the (N, channels, *S) input.
+
+    Raises:
+        ValueError: for another name, listing the accepted ones.
     """
     name = check_choice("norm", name, NORMS)
     if name == "none":
@@ -63,7 +90,11 @@ def norm(name: str | None, spatial_dims: int, channels: int) -> nn.Module:
 
 
 def act(name: str) -> nn.Module:
-    """Activation by name."""
+    """Activation by name: "relu", "leakyrelu" (slope ``LEAKY_SLOPE``) or "gelu" (any case).
+
+    Raises:
+        ValueError: for another name, listing the accepted ones.
+    """
     name = check_choice("act", name, ACTS)
     if name == "leakyrelu":
         return Act[Act.LEAKYRELU](negative_slope=LEAKY_SLOPE, inplace=True)
@@ -84,6 +115,18 @@ def upsample(name: str, spatial_dims: int, in_ch: int, out_ch: int, *, bias: boo
     ``"transpose"`` is the 2×2 up-convolution; ``"interpolate"`` is nearest-neighbour resizing
     followed by a 1×1 convolution. Nearest (not linear) interpolation keeps every output voxel a
     function of one input voxel, so tiled inference stays identical to a whole-image pass.
+
+    Shapes: (N, in_ch, *S) → (N, out_ch, *2S).
+
+    Args:
+        name: "transpose" or "interpolate" (any case).
+        spatial_dims: 2 or 3.
+        in_ch: input channels.
+        out_ch: output channels.
+        bias: learn a bias per output channel.
+
+    Raises:
+        ValueError: for another name, listing the accepted ones.
     """
     name = check_choice("upsample", name, UPSAMPLES)
     if name == "transpose":

@@ -195,7 +195,14 @@ class UNet(nn.Module):
     def nearest_valid_sizes(self, n: int) -> tuple[int | None, int | None]:
         """The largest valid size ≤ ``n`` and the smallest ≥ ``n`` along one axis.
 
-        In "same" mode every positive size is valid. ``None`` where no such size exists.
+        In "same" mode every positive size is valid.
+
+        Args:
+            n: a size along one axis.
+
+        Returns:
+            (largest valid size ≤ n, smallest valid size ≥ n); ``None`` for a side where no
+            valid size exists (within 4096 of ``n``).
         """
         if self.padding == "same":
             return (n, n) if n >= 1 else (None, 1)
