@@ -137,7 +137,8 @@ def main() -> None:
     runs: dict[str, Callable[[], torch.Tensor]] = {"monai_sliding_window": monai_run}
     for name, (variant_net, channels_last) in variants.items():
         predictor = Predictor(variant_net, roi, overlap=args.overlap, batch_size=sw_batch_size,
-                              precision=dtype, channels_last=channels_last)
+                              precision=dtype, channels_last=channels_last,
+                              fixed_batch=name == "segmentation_predictor_compiled")
 
         def ours_run(predictor: Predictor = predictor) -> torch.Tensor:
             with torch.inference_mode():

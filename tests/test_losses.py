@@ -122,7 +122,20 @@ def test_default_loss_trains_through_every_level_of_an_odd_patch():
     loss.backward()
     assert torch.isfinite(loss)
     assert net.aux_heads[0].weight.grad.abs().sum() > 0   # level 1 is supervised
-    assert net.aux_heads[1].weight.grad is None           # the lowest level has weight 0
+    assert net.aux_heads[1].weight.grad is not None       # the lowest level has weight 0 ...
+    assert net.aux_heads[1].weight.grad.abs().sum() == 0  # ... so a zero gradient
+    # what DDP needs (find_unused_parameters off): every trainable parameter took part
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_an_overflowing_unweighted_output_does_not_poison_the_loss():
+    label = torch.randint(0, 3, (1, 1, 8, 8))
+    main, level1 = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)
+    lowest = torch.full((1, 3, 2, 2), float("inf"), requires_grad=True)  # weight 0
+    loss = SegmentationLoss()([main, level1, lowest], label)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.equal(lowest.grad, torch.zeros_like(lowest))
 
 
 def test_patch_too_small_for_a_level_is_refused_naming_the_fix():

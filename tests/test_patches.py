@@ -61,3 +61,19 @@ def test_slices_take_the_forced_class_from_the_record():
     assert all(s - {0} for s in shown)             # every patch shows foreground
     share_tiny = np.mean([2 in s for s in shown])  # class first: the 8-voxel class half the time
     assert 0.4 < share_tiny < 0.6, share_tiny
+
+
+def test_training_patches_pass_the_record_to_the_crop(monkeypatch):
+    from segmentation.data import patches
+    from segmentation.data.datamodule import RandomPatches
+
+    volumes = [ClassLocationsd()(two_class_volume()) for _ in range(2)]
+    searches = []
+    record = patches.ClassLocationsd.__call__
+    monkeypatch.setattr(patches.ClassLocationsd, "__call__",
+                        lambda self, data: searches.append(1) or record(self, data))
+    transform = patch_transforms(3, (8, 8, 8), (8, 8, 8), foreground_fraction=1.0)
+    transform.set_random_state(seed=0)
+    items = [RandomPatches(volumes, transform, 10)[i] for i in range(10)]
+    assert searches == []  # no forced patch searched the volume again
+    assert all(set(item) == {"image", "label"} and item["label"].any() for item in items)

@@ -186,6 +186,38 @@ def test_nonfinite_loss_skip_leaves_weights_and_momentum_untouched_then_trains_o
     assert not all(torch.equal(a, b) for a, b in zip(after, initial, strict=True))
 
 
+class NaNBeforeBatchNorm(nn.Module):
+    """Batch norm sees a NaN on the first call: its running statistics would be poisoned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4), nn.Conv3d(4, 4, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x)
+        if self.calls == 0:
+            features = features.clone()
+            features[0, 0, 0, 0, 0] = float("nan")
+        self.calls += 1
+        return self.head(self.norm(features))
+
+
+def test_nonfinite_loss_skip_restores_batch_norm_statistics():
+    torch.manual_seed(0)
+    net = NaNBeforeBatchNorm()
+    module = SegmentationModule(net, patch_size=(8, 8, 8), nonfinite_loss="skip")
+    statistics = WeightsAfterEachStep()
+    statistics.on_train_batch_end = lambda trainer, pl_module, *args: statistics.weights.append(
+        [net.norm.running_mean.clone(), net.norm.num_batches_tracked.clone()])
+    with pytest.warns(RuntimeWarning, match="batch skipped"):
+        fit_on_random_patches(module, 2, statistics)
+    (mean_after_skip, tracked_after_skip), (mean_after_step, tracked_after_step) = (
+        statistics.weights)
+    assert torch.equal(mean_after_skip, torch.zeros(4)) and tracked_after_skip == 0  # restored
+    assert torch.isfinite(mean_after_step).all() and tracked_after_step == 1  # then trains on
+
+
 DDP_NONFINITE = """
 import json, os, warnings
 import pytorch_lightning as pl

@@ -80,7 +80,9 @@ class RandomPatches(TorchDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return {"image": (C, *input_size), "label": (1, *output_size)}."""
         volume = self.volumes[index % len(self.volumes)]
-        return self.transform({"image": volume["image"], "label": volume["label"]})
+        # the crop reads the recorded class locations (and drops them from the patch)
+        return self.transform({k: volume[k] for k in ("image", "label", CLASS_LOCATIONS)
+                               if k in volume})
 
 
 class SegmentationDataModule(pl.LightningDataModule):

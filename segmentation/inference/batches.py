@@ -24,6 +24,8 @@ def run_regions(
     size: Sequence[int],
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    fixed_batch: bool = False,
 ) -> Iterator[tuple[int, tuple[int, ...], torch.Tensor]]:
     """The network's output for every region of every scan, in order.
 
@@ -34,6 +36,9 @@ def run_regions(
         size: region (network input) size.
         batch_size: regions per forward pass; a batch may mix scans.
         progress: called with (regions done, regions in all) after every batch.
+        fixed_batch: fill a short last batch with zero regions (their outputs are dropped), so
+            the network only ever sees one batch shape: a network compiled with static shapes
+            then compiles once instead of once per remainder.
 
     Yields:
         (n, start, output): the scan's index, the region's start and its (K, *out) output.
@@ -43,7 +48,10 @@ def run_regions(
         batch = jobs[first:first + batch_size]
         windows = torch.stack([image[(n, slice(None), *box(start, size))]
                                for n, start in batch])                    # (B, C, *size)
-        outputs = net(windows)                                            # (B, K, *out)
+        if fixed_batch and len(batch) < batch_size:
+            filler = windows.new_zeros((batch_size - len(batch), *windows.shape[1:]))
+            windows = torch.cat([windows, filler])                        # (batch_size, ...)
+        outputs = net(windows)[:len(batch)]                               # (B, K, *out)
         for (n, start), output in zip(batch, outputs, strict=True):
             yield n, start, output
         if progress is not None:

@@ -147,7 +147,7 @@ class Segmenter:
         self._predictor = Predictor(self.network, self.patch_size, overlap=self.overlap,
                                     batch_size=self.batch_size, mirror=self.tta,
                                     slice_axis=self.slice_axis, out_device=self.device,
-                                    precision=self.precision)
+                                    precision=self.precision, fixed_batch=compile)
 
     def predictor(self, voxels: int, classes: int, channels: int = 1) -> Predictor:
         """The whole-scan predictor, set to stitch on the CPU when the GPU would not hold it.

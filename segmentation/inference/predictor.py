@@ -41,17 +41,20 @@ class Predictor:
             network's output does not depend on the tile (see ``inference_tile``); 1 keeps
             the training patch. Larger tiles go fewer to a pass (at least one), so a pass
             reads about ``batch_size`` training patches' voxels, at most ``tile_scale``.
+        fixed_batch: always run full batches (a short last batch is filled with zero
+            windows whose outputs are dropped), for a network compiled with static shapes.
     """
 
     def __init__(self, net: nn.Module, patch_size: Sequence[int], *, overlap: float = 0.5,
                  batch_size: int = 2, mirror: bool = False, slice_axis: int | None = None,
                  out_device: torch.device | str | None = None, precision: str | None = None,
-                 channels_last: bool = False, tile_scale: float = 4.0) -> None:
+                 channels_last: bool = False, tile_scale: float = 4.0,
+                 fixed_batch: bool = False) -> None:
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {sorted(PRECISIONS)}")
         self.net, self.patch_size = net, tuple(int(s) for s in patch_size)
         self.precision, self.channels_last = precision, channels_last
-        self.tile_scale = tile_scale
+        self.tile_scale, self.fixed_batch = tile_scale, fixed_batch
         self._tiles: dict[tuple[int, ...], tuple[int, ...]] = {}  # scan shape → tile
         self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
         self.slice_axis, self.out_device = slice_axis, out_device
@@ -120,10 +123,10 @@ class Predictor:
             batch = max(1, round(self.batch_size * math.prod(self.patch_size) / math.prod(tile)))
             return overlap_tile(self._network, image, tile, self.net.output_shape(tile),
                                 self.net.depth, batch_size=batch, out_device=self.out_device,
-                                progress=progress)
+                                progress=progress, fixed_batch=self.fixed_batch)
         return sliding_window(self._network, image, self.patch_size, overlap=self.overlap,
                               batch_size=self.batch_size, out_device=self.out_device,
-                              progress=progress)
+                              progress=progress, fixed_batch=self.fixed_batch)
 
     def _network(self, windows: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

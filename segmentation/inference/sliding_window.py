@@ -76,6 +76,7 @@ def sliding_window(
     batch_size: int = 1,
     out_device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fixed_batch: bool = False,
 ) -> torch.Tensor:
     """Gaussian-blended logits for whole scans from a network that keeps its input's size.
 
@@ -87,6 +88,7 @@ def sliding_window(
         batch_size: windows per forward pass.
         out_device: where the logits are stitched (default: the image's device).
         progress: called with (windows done, windows in all) after every batch.
+        fixed_batch: pad a short last batch to ``batch_size`` (see :func:`run_regions`).
 
     Returns:
         (N, K, *S) float32 logits on ``out_device``.
@@ -110,7 +112,8 @@ def sliding_window(
         total[(slice(None), *box(start, window))] += stitch_weight
 
     out: torch.Tensor | None = None
-    for n, start, tile in run_regions(net, image, starts, window, batch_size, progress):
+    for n, start, tile in run_regions(net, image, starts, window, batch_size, progress,
+                                      fixed_batch=fixed_batch):
         if out is None:
             out = torch.zeros((image.shape[0], tile.shape[0], *padded), dtype=torch.float32,
                               device=out_device)

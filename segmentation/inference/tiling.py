@@ -176,6 +176,7 @@ def overlap_tile(
     batch_size: int = 1,
     out_device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fixed_batch: bool = False,
 ) -> torch.Tensor:
     """Logits for a whole scan from a network that shrinks its input.
 
@@ -189,6 +190,7 @@ def overlap_tile(
         out_device: where the stitched logits live (default: the image's device); "cpu" keeps
             a large scan's logits off the GPU.
         progress: called with (tiles done, tiles in all) after every batch.
+        fixed_batch: pad a short last batch to ``batch_size`` (see :func:`run_regions`).
 
     Returns:
         (N, K, *S) logits.
@@ -205,7 +207,8 @@ def overlap_tile(
     out: torch.Tensor | None = None
     out_device = image.device if out_device is None else torch.device(out_device)
     # an input tile at ``offset`` of the padded scan predicts the output tile at ``offset``
-    for n, offset, tile in run_regions(net, padded, offsets, input_size, batch_size, progress):
+    for n, offset, tile in run_regions(net, padded, offsets, input_size, batch_size, progress,
+                                         fixed_batch=fixed_batch):
         if out is None:                                           # tile: (K, *output_size)
             out = torch.empty((image.shape[0], tile.shape[0], *covered),
                               dtype=torch.promote_types(tile.dtype, torch.float32),

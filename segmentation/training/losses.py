@@ -96,7 +96,9 @@ class SegmentationLoss(nn.Module):
     DeepSupervisionLoss), and each auxiliary output is paired with an exact downsampling of the
     label on its own grid (:func:`deep_supervision_pair`), which holds for "valid" networks,
     whose lower levels see more than the output, and for patches that are not a multiple of
-    ``2**depth``. The wrapped loss always receives integer (long) labels.
+    ``2**depth``. An output of weight 0 is not compared with the label but still gets a zero
+    gradient, so every parameter takes part in each step, as DDP requires. The wrapped loss
+    always receives integer (long) labels.
 
     Args:
         loss: loss on (B, K, *S) logits and (B, 1, *S) integer labels.
@@ -137,4 +139,9 @@ class SegmentationLoss(nn.Module):
             if weight > 0:
                 output, target = deep_supervision_pair(output, label, level)
                 loss = loss + weight * deep.get_loss(output.float(), target)
+            else:
+                # A zero gradient still reaches the output's head: DDP (without
+                # find_unused_parameters) refuses a step in which a parameter took no part.
+                # nan_to_num keeps an overflowing output from turning 0 × inf into NaN.
+                loss = loss + 0.0 * output.float().mean().nan_to_num(0.0, 0.0, 0.0)
         return loss

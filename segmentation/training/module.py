@@ -83,6 +83,7 @@ class SegmentationModule(pl.LightningModule):
         self.label_names: dict[int, str] = {}
         self.output_patch_size: list[int] | None = None
         self._skip_optimizer_step = False
+        self._buffers_before_skip: list[torch.Tensor] | None = None
         self._val_rows: list[dict] = []
         self._test_rows: list[dict] = []
 
@@ -154,7 +155,8 @@ class SegmentationModule(pl.LightningModule):
         left waiting in a gradient all-reduce: "stop" raises NonFiniteLossError everywhere;
         "skip" still returns the loss (the backward pass and its all-reduce run as usual) and
         :meth:`on_before_optimizer_step` drops the gradients so the optimizer leaves the weights
-        (and its momentum) untouched.
+        (and its momentum) untouched; the network's buffers (batch norm running statistics,
+        already updated by the bad batch's forward pass) are restored.
 
         Args:
             batch: image (B, C, *in) and label (B, 1, *out).
@@ -167,6 +169,10 @@ class SegmentationModule(pl.LightningModule):
             NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss is NaN or infinite on
                 any process.
         """
+        # With "skip", the buffers (batch norm running statistics) are kept to be restored:
+        # the forward pass updates them before the loss can show that the batch is bad.
+        buffers = ([b.detach().clone() for b in self.net.buffers()]
+                   if self.hparams.nonfinite_loss == "skip" else None)
         outputs = self(batch["image"])
         loss = self.loss_fn(outputs, batch["label"])
         local = not bool(torch.isfinite(loss))
@@ -182,6 +188,8 @@ class SegmentationModule(pl.LightningModule):
                                          "check the data, or set nonfinite_loss: skip")
             warnings.warn(f"{where}; batch skipped", RuntimeWarning, stacklevel=1)
             self._skip_optimizer_step = True
+            if self._buffers_before_skip is None:  # the first bad batch of an accumulation
+                self._buffers_before_skip = buffers  # restored once backward no longer needs them
             return loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["image"].shape[0])
@@ -196,6 +204,11 @@ class SegmentationModule(pl.LightningModule):
         if self._skip_optimizer_step:
             self._skip_optimizer_step = False
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.net.buffers(), self._buffers_before_skip or [],
+                                         strict=True):
+                    buffer.copy_(saved)
+            self._buffers_before_skip = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""
