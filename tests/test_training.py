@@ -425,7 +425,10 @@ def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path)
     generate_dataset(root, cases=6, test_cases=0, seed=2, shape=(24, 24, 16))
     runs = tmp_path / "runs"
     base = fit_args(root, runs, 3, "same")[1:]  # without the subcommand
-    fitted = run_cli("fit", *base, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0")
+    # trained by 2 processes, with deep supervision whose lowest output has weight 0: every
+    # parameter must still take part in each step, or DDP stops at the second one
+    fitted = run_cli("fit", *base, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                     "--trainer.strategy", "ddp", "--trainer.devices", "2")
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     checkpoint = runs / "test" / "version_0" / "checkpoints" / "last.ckpt"
     single = run_cli("validate", *base, "--ckpt_path", str(checkpoint))
