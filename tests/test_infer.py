@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -182,11 +184,15 @@ def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoi
     scans = tmp_path / "scans"
     shutil.copytree(dataset / "imagesTs", scans)
     (scans / "broken_0000.nii.gz").write_bytes(np.random.default_rng(0).bytes(500))
+    whole = (scans / "synth_004_0000.nii.gz").read_bytes()  # a header that reads, data that not
+    (scans / "truncated_0000.nii.gz").write_bytes(whole[:len(whole) // 2])
     out = tmp_path / "out"
     assert infer("--checkpoint", str(checkpoint), "--input", str(scans), "--output",
                  str(out), "--save-probabilities") == 1
     err = capsys.readouterr().err
     assert "broken_0000.nii.gz" in err and "Traceback" not in err
+    assert "truncated_0000.nii.gz: EOFError: Compressed file ended" in err  # the reason itself,
+    assert "applying transform" not in err  # not MONAI's wrapper around it
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == [f"synth_00{i}{s}.nii.gz" for i in (3, 4, 5)
                        for s in ("", "_probabilities")]
@@ -199,7 +205,7 @@ def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoi
     assert record["versions"]["torch"] == torch.__version__
     assert record["settings"]["precision"] == "fp32"  # "auto" on the CPU
     failed = [c for c in record["cases"] if c["error"]]
-    assert [c["case_id"] for c in failed] == ["broken"]
+    assert [c["case_id"] for c in failed] == ["broken", "truncated"]
 
 
 def test_multichannel_cases_and_valid_networks(dataset, tmp_path):
@@ -235,6 +241,10 @@ def test_a_missing_gpu_or_bad_checkpoint_is_one_error_line(dataset, tmp_path, ca
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU is available"):
             infer_module.resolve_device("cuda")
+    assert infer("--checkpoint", str(bogus), "--input", str(dataset / "imagesTs"), "--output",
+                 str(tmp_path / "out"), "--device", "gpu0") == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: --device gpu0: choose auto, cpu, cuda or cuda:N")
 
 
 def test_precision_choice_and_cpu_stitching_when_the_gpu_would_not_hold_the_buffers(
@@ -317,3 +327,33 @@ def test_compiled_network_gives_the_same_masks(dataset, checkpoint, tmp_path):
     segmenter = Segmenter(checkpoint, device="cpu", compile=True)
     assert segmenter.network is not segmenter.net  # compiled once, shared by every scan
     assert segmenter.predictor(1000, 4).net is segmenter.network
+
+
+def test_outputs_are_readable_labels_not_copies_of_the_scans_header(dataset, checkpoint,
+                                                                    tmp_path):
+    """Geometry from the scan; display range, intent, description and time unit not."""
+    source = nib.load(dataset / "imagesTs" / "synth_003_0000.nii.gz")
+    header = source.header.copy()
+    header["cal_min"], header["cal_max"] = 0, 1000
+    header["descrip"] = b"T1 scan"
+    header.set_intent("t test", (12.0,))
+    header.set_xyzt_units("mm", "sec")
+    scan = tmp_path / "scan_0000.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine, header), scan)
+    out = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        assert infer("--checkpoint", str(checkpoint), "--input", str(scan), "--output", str(out),
+                     "--save-probabilities") == 0
+    finally:
+        os.umask(previous)
+    labels = nib.load(out / "scan.nii.gz").header
+    probabilities = nib.load(out / "scan_probabilities.nii.gz").header
+    assert labels.get_intent()[0] == "label" and probabilities.get_intent()[0] == "none"
+    for written in (labels, probabilities):
+        assert (float(written["cal_min"]), float(written["cal_max"])) == (0.0, 0.0)
+        assert written.get_xyzt_units() == ("mm", "unknown")
+        assert b"T1" not in written["descrip"].item()
+        assert np.array_equal(written.get_sform(), source.get_sform())
+    for path in out.iterdir():  # as any new file: not mkstemp's owner-only 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -66,7 +66,8 @@ def run_infer(args: argparse.Namespace) -> int:
                                             progress=on_windows)
                 result.outputs = [str(p) for p in written]
             except Exception as err:  # one bad scan must not stop the others
-                result.error = f"{type(err).__name__}: {err}"
+                cause = root_cause(err)
+                result.error = f"{type(cause).__name__}: {cause}"
                 progress.console.print(f"error: {case.images[0]}: {result.error}", markup=False,
                                        highlight=False)
             result.seconds = round(time.monotonic() - tick, 3)
@@ -83,6 +84,13 @@ def run_infer(args: argparse.Namespace) -> int:
     console.print(f"wrote {len(results) - len(failed)} segmentation(s) to {output_dir}"
                   + (f"; {len(failed)} scan(s) failed" if failed else ""), highlight=False)
     return 1 if failed else 0
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: the reason, not MONAI's "applying transform" wrap."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def add_infer_command(subparsers: argparse._SubParsersAction) -> None:

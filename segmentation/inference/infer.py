@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +37,15 @@ _GPU_BUFFER_FRACTION = 0.25
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" → cuda when available, else cpu; "cuda" without a GPU is an error."""
+    """"auto" → cuda when available, else cpu; "cuda" without a GPU is an error.
+
+    Raises:
+        ValueError: for a name other than auto, cpu, cuda or cuda:N, or cuda without a GPU.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no GPU is available; use auto or cpu")
     return torch.device(device)
@@ -228,7 +235,8 @@ class Segmenter:
                                output_dir / f"{case.case_id}.nii.gz")]
         if save_probabilities:
             channels_last = np.moveaxis(probabilities.numpy(), 0, -1).astype(np.float32)
-            written.append(save_atomic(like_reference(channels_last, reference),
+            written.append(save_atomic(like_reference(channels_last, reference,
+                                                      kind="probabilities"),
                                        output_dir / f"{case.case_id}_probabilities.nii.gz"))
         return written
 
