@@ -19,13 +19,36 @@ BIN = Path(sys.executable).parent
 
 
 def run(*args: str) -> None:
+    """Print ``$ segmentation ARGS`` and run that command in the project folder.
+
+    Args:
+        *args: the arguments of the ``segmentation`` command, e.g. ("data", "check", "DIR").
+
+    Raises:
+        subprocess.CalledProcessError: if the command exits with a non-zero code.
+    """
     command = [str(BIN / "segmentation"), *args]
     print(f"\n$ segmentation {' '.join(args)}", flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
 
 
 def newest_run(name: str) -> Path:
-    versions = sorted((RUNS / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    """The run folder ``runs/NAME/version_N`` with the highest N.
+
+    Args:
+        name: the experiment name, a folder under ``runs/``.
+
+    Returns:
+        The newest version folder.
+
+    Raises:
+        FileNotFoundError: if ``runs/NAME`` holds no ``version_N`` folder.
+    """
+    versions = sorted((p for p in (RUNS / name).glob("version_*")
+                       if p.name.split("_")[1].isdigit()),
+                      key=lambda p: int(p.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"{RUNS / name}: no version_N run folder")
     return versions[-1]
 
 

@@ -4,55 +4,137 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from segmentation.data.layout import split_file_ending
+from segmentation.data.layout import (
+    DATASET_JSON,
+    FILE_ENDINGS,
+    DatasetError,
+    load_dataset_json,
+    parse_labels,
+    split_file_ending,
+)
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float:
-    """Dice of one label value; NaN when the value is absent from both."""
+    """Dice coefficient of one label value between two label maps.
+
+    Args:
+        prediction: predicted label map, any shape S.
+        reference: reference label map of the same shape S.
+        value: the label value to score.
+
+    Returns:
+        2·|P ∩ R| / (|P| + |R|) for the voxels P and R holding ``value``, in [0, 1]; NaN when
+        the value is absent from both maps.
+    """
     p, r = prediction == value, reference == value
     total = p.sum() + r.sum()
     return float(2 * np.logical_and(p, r).sum() / total) if total else math.nan
 
 
-def evaluate_folder(predictions: str | Path, references: str | Path,
-                    label_names: Mapping[int, str]) -> list[dict[str, object]]:
-    """Per-case, per-class Dice for every reference label that has a prediction.
+def read_label_names(dataset: str | Path) -> dict[int, str]:
+    """Label value → name from a dataset folder's dataset.json, background included.
+
+    Both conventions are read: nnU-Net (``labels`` as name → value) and MSD (value → name).
+    A dataset.json holding only ``labels`` is read by the form of its entries.
 
     Args:
-        predictions: folder of predicted ``CASE.nii.gz`` label maps.
-        references: folder of reference ``CASE.nii.gz`` label maps (same geometry).
+        dataset: the dataset folder.
+
+    Returns:
+        Label value → name, sorted by value.
+
+    Raises:
+        DatasetError: naming the folder or dataset.json, when the folder or file is missing,
+            the file is not valid JSON, or ``labels`` is missing or malformed.
+    """
+    meta = load_dataset_json(dataset)
+    path = Path(dataset) / DATASET_JSON
+    parsed = parse_labels(meta, path)
+    return {value: name for name, value in sorted(parsed.items(), key=lambda item: item[1])}
+
+
+def find_prediction(predictions: Path, case_id: str, reference: Path) -> Path:
+    """The prediction file of a case, under any supported file ending.
+
+    ``segmentation infer`` writes ``CASE.nii.gz`` whatever the ending of the scans, so a
+    ``CASE.nii`` reference is matched by ``CASE.nii.gz`` and vice versa.
+
+    Args:
+        predictions: folder of predicted label maps.
+        case_id: the case identifier (the reference file name without its ending).
+        reference: the reference label file (named in errors).
+
+    Returns:
+        The one existing ``predictions/CASE<ending>`` file.
+
+    Raises:
+        DatasetError: naming the reference, when no prediction or more than one (e.g. both
+            ``CASE.nii`` and ``CASE.nii.gz``) exists.
+    """
+    found = [predictions / f"{case_id}{ending}" for ending in FILE_ENDINGS
+             if (predictions / f"{case_id}{ending}").is_file()]
+    if not found:
+        tried = " or ".join(f"{case_id}{ending}" for ending in FILE_ENDINGS)
+        raise DatasetError(reference, f"no prediction for this reference ({tried} in "
+                                      f"{predictions})")
+    if len(found) > 1:
+        raise DatasetError(reference, f"more than one prediction for this reference "
+                                      f"({', '.join(str(p) for p in found)}); remove all but one")
+    return found[0]
+
+
+def evaluate_folder(predictions: str | Path, references: str | Path,
+                    label_names: Mapping[int, str]) -> list[dict[str, object]]:
+    """Per-case, per-class Dice for every reference label map.
+
+    Every reference ``CASE.nii.gz`` or ``CASE.nii`` (hidden files such as ``._CASE.nii.gz``
+    are skipped) needs a prediction ``CASE.nii.gz`` or ``CASE.nii`` of the same shape and
+    affine; a missing prediction is an error, not a skipped case.
+
+    Args:
+        predictions: folder of predicted label maps, each of shape S of its reference.
+        references: folder of reference label maps.
         label_names: label value → name; background (0) is skipped.
 
     Returns:
-        One row per case and foreground class: {"case_id", "class", "dice"}.
+        One row per case and foreground class, cases sorted by file name, classes by value:
+        {"case_id": str, "class": str, "dice": float (NaN when the class is in neither map)}.
 
     Raises:
-        ValueError: naming the file, when a prediction is missing or its shape or affine
-            differs from the reference.
+        DatasetError: naming the folder or file: a folder is missing, the references folder
+            holds no label files, a reference has no prediction, a file cannot be read, or a
+            prediction's shape or affine differs from its reference (both are shown).
     """
+    predictions, references = Path(predictions), Path(references)
+    for folder, what in ((references, "labels"), (predictions, "predictions")):
+        if not folder.is_dir():
+            raise DatasetError(folder, f"{what} folder does not exist")
+    reference_files = sorted(f for f in references.iterdir() if f.is_file()
+                             and not f.name.startswith(".") and split_file_ending(f.name))
+    if not reference_files:
+        raise DatasetError(references, f"no label files ({', '.join(FILE_ENDINGS)}) found")
     rows: list[dict[str, object]] = []
-    for reference_path in sorted(Path(references).iterdir()):
-        parts = split_file_ending(reference_path.name)
-        if parts is None:
-            continue
-        case_id, ending = parts
-        prediction_path = Path(predictions) / f"{case_id}{ending}"
-        if not prediction_path.exists():
-            raise ValueError(f"{prediction_path}: no prediction for reference {reference_path}")
-        reference_image, prediction_image = nib.load(reference_path), nib.load(prediction_path)
-        if reference_image.shape != prediction_image.shape or not np.allclose(
-                reference_image.affine, prediction_image.affine, atol=1e-4):
-            raise ValueError(f"{prediction_path}: shape/affine differ from {reference_path}")
-        reference = np.asanyarray(reference_image.dataobj)
-        prediction = np.asanyarray(prediction_image.dataobj)
+    for reference_path in reference_files:
+        case_id = split_file_ending(reference_path.name)[0]  # type: ignore[index]
+        prediction_path = find_prediction(predictions, case_id, reference_path)
+        reference_image, prediction_image = _load(reference_path), _load(prediction_path)
+        if reference_image.shape != prediction_image.shape:
+            raise DatasetError(prediction_path, f"shape {prediction_image.shape} differs from "
+                                                f"{reference_image.shape} of {reference_path}")
+        if not np.allclose(reference_image.affine, prediction_image.affine, atol=1e-4):
+            raise DatasetError(prediction_path, f"affine {_matrix(prediction_image.affine)} "
+                                                f"differs from {_matrix(reference_image.affine)} "
+                                                f"of {reference_path}")
+        reference = _voxels(reference_image, reference_path)
+        prediction = _voxels(prediction_image, prediction_path)
         for value, name in sorted(label_names.items()):
             if value != 0:
                 rows.append({"case_id": case_id, "class": name,
@@ -60,36 +142,84 @@ def evaluate_folder(predictions: str | Path, references: str | Path,
     return rows
 
 
+def _load(path: Path) -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI file (header only); unreadable files raise DatasetError naming them."""
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises many kinds: ImageFileError, EOFError, ...
+        raise DatasetError(path, f"cannot be read ({error or type(error).__name__})") from error
+
+
+def _voxels(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    """Decode an opened file's voxels; truncated or corrupt data raise DatasetError naming it."""
+    try:
+        return np.asanyarray(image.dataobj)
+    except Exception as error:  # e.g. EOFError or zlib.error for a truncated .nii.gz
+        raise DatasetError(path, f"cannot be read (truncated or corrupt: "
+                                 f"{error or type(error).__name__})") from error
+
+
+def _matrix(affine: np.ndarray) -> str:
+    """A 4×4 affine on one line, rounded to 4 decimals."""
+    return str(np.round(np.asarray(affine, dtype=float), 4).tolist())
+
+
 def class_means(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
-    """NaN-ignoring mean Dice per class, in first-seen class order."""
+    """Mean Dice per class over the cases, ignoring NaN (class absent from both maps).
+
+    Args:
+        rows: rows as returned by :func:`evaluate_folder`, with "class" and "dice" entries.
+
+    Returns:
+        Class name → mean Dice, in first-seen class order; NaN for a class whose every Dice
+        is NaN.
+    """
     by_class: dict[str, list[float]] = {}
     for row in rows:
-        by_class.setdefault(str(row["class"]), []).append(float(row["dice"]))
+        by_class.setdefault(str(row["class"]), []).append(float(row["dice"]))  # type: ignore[arg-type]
     return {name: float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
             for name, values in by_class.items()}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Print per-class mean Dice and ``mean Dice``; write a CSV when asked."""
-    meta = json.loads((Path(args.dataset) / "dataset.json").read_text())
-    labels = meta["labels"]
-    names = ({int(v): k for k, v in labels.items()} if all(isinstance(v, int)
-             for v in labels.values()) else {int(k): v for k, v in labels.items()})
+    """``segmentation evaluate``: print per-class mean Dice and ``mean Dice``; write a CSV.
+
+    Prints ``Dice NAME: 0.xxx`` per foreground class, then ``mean Dice: 0.xxx``, the mean over
+    the classes with a Dice (classes absent from every reference and prediction are left out).
+
+    Args:
+        args: parsed arguments: ``predictions`` and ``labels`` (folders), ``dataset`` (folder
+            with dataset.json, for label names) and ``csv`` (file path or None).
+
+    Returns:
+        0 on success; 1 after one ``error: ...`` line on stderr when a folder, dataset.json,
+        a prediction or the CSV file is missing or unusable, or no class could be scored.
+    """
     try:
+        names = read_label_names(args.dataset)
         rows = evaluate_folder(args.predictions, args.labels, names)
-    except ValueError as err:
-        print(f"error: {err}")
+    except (DatasetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    means = class_means(rows)
+    finite = [v for v in means.values() if not math.isnan(v)]
+    if not finite:
+        print(f"error: {args.labels}: no foreground class of dataset.json appears in any "
+              "reference or prediction, so there is no Dice to report", file=sys.stderr)
         return 1
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["case_id", "class", "dice"])
-            writer.writeheader()
-            writer.writerows(rows)
-    means = class_means(rows)
+        try:
+            with open(args.csv, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["case_id", "class", "dice"])
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as err:
+            print(f"error: {args.csv}: cannot write the CSV file ({err.strerror or err})",
+                  file=sys.stderr)
+            return 1
     for name, value in means.items():
         print(f"Dice {name}: {value:.3f}")
-    finite = [v for v in means.values() if not math.isnan(v)]
-    print(f"mean Dice: {sum(finite) / len(finite):.3f}" if finite else "mean Dice: nan")
+    print(f"mean Dice: {sum(finite) / len(finite):.3f}")
     return 0
 
 
@@ -98,9 +228,11 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="Dice of predicted label files against reference labels",
         description="Compare predicted label maps with reference label maps of the same "
-                    "geometry, case by case and class by class.")
+                    "geometry, case by case and class by class. Every reference needs a "
+                    "prediction (CASE.nii.gz or CASE.nii).")
     parser.add_argument("--predictions", required=True, help="folder of predicted CASE.nii.gz")
-    parser.add_argument("--labels", required=True, help="folder of reference CASE.nii.gz")
+    parser.add_argument("--labels", required=True,
+                        help="folder of reference CASE.nii.gz (or CASE.nii)")
     parser.add_argument("--dataset", required=True, help="dataset folder (for label names)")
     parser.add_argument("--csv", help="write per-case, per-class Dice to this CSV file")
     parser.set_defaults(func=run_evaluate)

@@ -17,6 +17,13 @@ def plot_learning_curves(metrics_csv: str | Path, out: str | Path) -> Path:
     Args:
         metrics_csv: Lightning CSVLogger's ``metrics.csv``.
         out: PNG file to write.
+
+    Returns:
+        ``out`` as a Path: a PNG with two panels, loss (``train/loss_epoch``, ``val/loss``)
+        and validation Dice (every ``val/dice*`` column) against the epoch.
+
+    Raises:
+        OSError: if the CSV file cannot be read or the PNG file cannot be written.
     """
     series: dict[str, list[tuple[float, float]]] = {}
     with open(metrics_csv) as handle:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from collections.abc import Sequence
 
 import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -13,43 +16,116 @@ from segmentation.config import load_network
 from segmentation.nets.unet import UNet
 
 
+def network_input_shape(net: UNet, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial shape the encoder sees for an input shape.
+
+    A "same" network zero-pads its input to a multiple of 2**depth along every axis (and crops
+    the output back); a "valid" network takes the input as it is.
+
+    Args:
+        net: the U-Net.
+        input_shape: spatial input shape S.
+
+    Returns:
+        P: S rounded up to a multiple of 2**depth per axis ("same"), else S.
+    """
+    if net.padding != "same":
+        return tuple(int(n) for n in input_shape)
+    multiple = 2 ** net.depth
+    return tuple(math.ceil(int(n) / multiple) * multiple for n in input_shape)
+
+
+def level_sizes(net: UNet, input_shape: Sequence[int]
+                ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Feature-map sizes of every level for a spatial input shape, as the forward pass has them.
+
+    Args:
+        net: the U-Net.
+        input_shape: a valid spatial input shape S (see :meth:`UNet.check_input_shape`).
+
+    Returns:
+        (encoder, decoder): ``encoder[l]`` is the spatial size S_l of level l's encoder output,
+        l = 0 … depth (the last is the bottleneck); ``decoder[l]`` is T_l, the size of level
+        l's decoder output, l = 0 … depth − 1. For a "same" network these are the sizes of
+        the input zero-padded to a multiple of 2**depth (see :func:`network_input_shape`).
+
+    Raises:
+        InvalidSizeError: (a ValueError) if the shape is not valid for a "valid" network.
+    """
+    padded = network_input_shape(net, input_shape)
+    per_axis = [net.encoder.output_sizes(n) for n in padded]
+    decoded = [net.decoder.output_sizes(sizes) for sizes in per_axis]
+    encoder = [tuple(sizes[level] for sizes in per_axis) for level in range(net.depth + 1)]
+    decoder = [tuple(sizes[level] for sizes in decoded) for level in range(net.depth)]
+    return encoder, decoder
+
+
 def level_table(net: UNet, input_shape: Sequence[int]) -> Table:
-    """A table with one row per level: channels, encoder and decoder sizes, long skip."""
-    sizes = [net.encoder.output_sizes(n) for n in input_shape]
-    dec = [net.decoder.output_sizes(s) for s in sizes] if net.padding == "valid" else None
+    """A table with one row per level: channels, encoder and decoder sizes, long skip.
+
+    Args:
+        net: the U-Net.
+        input_shape: a valid spatial input shape S.
+
+    Returns:
+        A rich table with the columns level, channels, encoder output, long skip ("on",
+        "off", "-" for the bottleneck) and decoder output (sizes as in :func:`level_sizes`);
+        for a "same" network whose input is padded, the caption gives the padded shape.
+
+    Raises:
+        InvalidSizeError: (a ValueError) if the shape is not valid for a "valid" network.
+    """
+    encoder, decoder = level_sizes(net, input_shape)
     table = Table(title=f"{type(net).__name__} levels for input {tuple(input_shape)}")
+    padded = network_input_shape(net, input_shape)
+    if padded != tuple(input_shape):
+        table.caption = (f"same padding: the input is zero-padded to {padded} (a multiple of "
+                         f"2**depth = {2 ** net.depth}) and the output cropped back")
     for column in ("level", "channels", "encoder output", "long skip", "decoder output"):
         table.add_column(column)
     for level, channels in enumerate(net.encoder.channels):
-        enc = tuple(s[level] for s in sizes)
-        if net.padding == "same":
-            enc = tuple(-(-n // 2 ** level) for n in input_shape)
         is_bottleneck = level == net.depth
         skip = "-" if is_bottleneck else ("on" if net.long_skips[level] else "off")
-        if is_bottleneck:
-            out = "-"
-        elif dec is not None:
-            out = str(tuple(d[level] for d in dec))
-        else:
-            out = str(enc)
-        table.add_row(str(level), str(channels), str(enc), skip, out)
+        out = "-" if is_bottleneck else str(decoder[level])
+        table.add_row(str(level), str(channels), str(encoder[level]), skip, out)
     return table
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    """Print the network's levels, parameter count and output shape; run one forward pass."""
+    """``segmentation summary``: print a network's levels, parameter count and output shape.
+
+    For a :class:`UNet`: the table of :func:`level_table`, the parameter count and the output
+    shape, and with ``--forward`` the logits' shape of one forward pass on random data. Any
+    other network: its class name and parameter count.
+
+    Args:
+        args: parsed arguments: ``config`` (YAML file), ``input_shape`` (spatial sizes or
+            None for the smallest valid shape ≥ 64 per axis) and ``forward`` (bool).
+
+    Returns:
+        0 on success; 1 after one ``error: ...`` line on stderr when the config file is
+        missing or names no network, or the input shape is not valid for the network.
+    """
+    try:
+        net = load_network(args.config)
+    except (OSError, yaml.YAMLError, ValueError) as err:
+        message = (f"{args.config}: {err.strerror or 'cannot be read'}"
+                   if isinstance(err, OSError) else " ".join(str(err).split()))
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     console = Console()
-    net = load_network(args.config)
     if not isinstance(net, UNet):
         console.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} "
                       "parameters")
         return 0
-    shape = tuple(args.input_shape) if args.input_shape else net.valid_input_shape(
-        [64] * net.spatial_dims)
     try:
+        shape = tuple(args.input_shape) if args.input_shape else net.valid_input_shape(
+            [64] * net.spatial_dims)
         out_shape = net.output_shape(shape)
     except ValueError as err:
-        console.print(f"error: {err}", markup=False)
+        given = (f"--input-shape {' '.join(map(str, args.input_shape))}: "
+                 if args.input_shape else "")
+        print(f"error: {given}{err}", file=sys.stderr)
         return 1
     console.print(level_table(net, shape))
     console.print(f"parameters: {net.num_parameters():,} "

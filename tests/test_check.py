@@ -13,7 +13,7 @@ import pytest
 from segmentation.data.check import check_dataset, format_report
 from segmentation.data.commands import main
 from segmentation.data.layout import read_dataset
-from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
+from segmentation.data.preprocessing import Preprocessing, fit_preprocessing, reader_affine
 
 # problem → (case it is planted in, file it must be reported on, words of the message)
 PROBLEMS = {
@@ -231,3 +231,102 @@ def test_spacing_is_read_as_preprocessing_resamples(tmp_path, make_nnunet, sform
         assert warned[0].startswith(
             f"imagesTr/{case.case_id}_0000.nii.gz: the sform's voxel spacing (3.5, 2, 1) differs "
             f"from the header's pixdim (3, 2, 1); preprocessing (MONAI's reader) uses {uses}")
+
+
+def save_geometry(path: Path, *, sform: np.ndarray | None, sform_code: int,
+                  qform: np.ndarray | None, qform_code: int) -> None:
+    """Rewrite ``path`` (same voxels) with the given sform and qform and their codes."""
+    data = np.asanyarray(nib.load(str(path)).dataobj)
+    image = nib.Nifti1Image(data, None)
+    if qform is not None:
+        image.set_qform(qform, code=qform_code)
+    if sform is not None:
+        image.set_sform(sform, code=sform_code)
+    image.header["sform_code"], image.header["qform_code"] = sform_code, qform_code
+    nib.save(image, str(path))
+
+
+def one_case(root: Path) -> tuple[Path, Path]:
+    """The image and label file of the first training case."""
+    case = read_dataset(root).training[0]
+    return case.images[0], case.label
+
+
+def test_zero_sform_with_a_valid_qform_is_read_from_the_qform(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    image, label = one_case(root)
+    save_geometry(image, sform=np.zeros((4, 4)), sform_code=1, qform=QFORM, qform_code=1)
+    save_geometry(label, sform=QFORM, sform_code=1, qform=QFORM, qform_code=1)
+    loaded = nib.load(str(image))
+    assert not np.any(loaded.affine[:3, :3])  # nibabel gives the (all-zero) sform
+    assert np.allclose(reader_affine(loaded), QFORM)  # preprocessing reads the qform
+    report = check_dataset(root)
+    assert report.ok, report.errors  # neither "not invertible" nor "affine differs"
+    assert not any("not finite or not invertible" in e for e in report.errors)
+
+
+def test_image_and_label_are_compared_by_the_affine_preprocessing_reads(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    image, label = one_case(root)
+    stale = np.diag([3.5, 2.0, 1.0, 1.0])  # spacing disagrees with pixdim: the qform is read
+    shifted = QFORM.copy()
+    shifted[0, 3] = 4.0
+    save_geometry(image, sform=stale, sform_code=2, qform=QFORM, qform_code=1)
+    save_geometry(label, sform=stale, sform_code=2, qform=shifted, qform_code=1)
+    assert np.allclose(nib.load(str(image)).affine, nib.load(str(label)).affine)
+    errors = check_dataset(root).errors
+    assert errors == [f"labelsTr/{label.name}: affine differs from its image"], errors
+
+
+def test_unusable_affine_names_the_sform_or_qform_preprocessing_reads(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    image, label = one_case(root)
+    # column norms 3, 2, 1 agree with pixdim, so the reader keeps this singular sform
+    singular = np.array([[3, 2, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    save_geometry(image, sform=singular, sform_code=2, qform=QFORM, qform_code=1)
+    errors = check_dataset(root).errors
+    assert errors == [f"imagesTr/{image.name}: affine is not finite or not invertible: "
+                      "preprocessing (MONAI's reader) uses the sform (sform_code 2)"], errors
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((8, 8, 6))
+    header.set_data_dtype(np.float32)
+    header.set_qform(QFORM, code=1)
+    header["qoffset_x"] = np.nan  # a qform that is not finite, no sform
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 6), np.float32), None, header), str(image))
+    errors = check_dataset(root).errors
+    assert errors == [f"imagesTr/{image.name}: affine is not finite or not invertible: "
+                      "preprocessing (MONAI's reader) uses the qform (qform_code 1)"], errors
+
+
+def test_header_without_sform_and_qform_is_warned_about(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    image, label = one_case(root)
+    for path in (image, label):
+        save_geometry(path, sform=None, sform_code=0, qform=None, qform_code=0)
+    report = check_dataset(root)
+    assert report.ok, report.errors
+    for path in (f"imagesTr/{image.name}", f"labelsTr/{label.name}"):
+        warned = [w for w in report.warnings if w.startswith(f"{path}: ")]
+        assert len(warned) == 1 and "sform_code and qform_code are both 0" in warned[0], warned
+    per_file = [w for w in report.warnings if not w.startswith("cases have different")]
+    assert len(per_file) == 2, report.warnings
+
+
+def test_zero_pixdim_in_the_file_is_warned_about(tmp_path, make_nnunet):
+    root = make_nnunet(tmp_path / "ds", channels=("MR",))
+    image, _ = one_case(root)
+    data = np.asanyarray(nib.load(str(image)).dataobj)
+    geometry = np.diag([1.0, 2.0, 1.0, 1.0])  # pixdim 1, 2, 1 once nibabel repairs the 0
+    written = nib.Nifti1Image(data, geometry)
+    written.set_qform(geometry, code=1)
+    written.header["pixdim"][1] = 0.0
+    nib.save(written, str(image))
+    assert nib.load(str(image)).header.get_zooms()[0] == 1.0  # repaired silently on load
+    report = check_dataset(root)
+    assert report.warnings == [
+        f"imagesTr/{image.name}: the header's pixdim (0, 2, 1) has a zero voxel spacing, which "
+        "nibabel and preprocessing silently read as 1 mm; write the real voxel spacing into the "
+        "header"], report.warnings
+    assert not report.ok  # the label (pixdim 1, 1, 1) no longer matches its image
+    assert check_dataset(root).errors[0].startswith("labelsTr/")

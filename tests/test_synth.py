@@ -8,8 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from segmentation.data.check import check_dataset
 from segmentation.data.commands import main
-from segmentation.data.synth import LABELS, generate_dataset, synth_case
+from segmentation.data.preprocessing import reader_affine, voxel_spacing
+from segmentation.data.synth import LABELS, SynthArgumentError, generate_dataset, synth_case
 
 SHAPE = (24, 24, 16)
 
@@ -86,15 +88,46 @@ def test_two_dimensional_mode(tmp_path):
     assert set(np.unique(values)) == set(LABELS.values())
 
 
+def test_two_dimensional_affines_rotate_in_plane_and_pass_the_check(tmp_path):
+    info = generate_dataset(tmp_path / "d2", cases=4, dims=2, shape=(40, 32), test_cases=1)
+    for case in info.training + info.test:
+        image = nib.load(str(case.images[0]))
+        affine = image.affine
+        # rotated about z only: the image plane stays the xy plane
+        assert np.allclose(affine[2, :2], 0) and np.allclose(affine[:2, 2], 0)
+        assert not np.allclose(affine[:2, :2], np.diag(np.diag(affine[:2, :2])))  # rotated
+        assert np.allclose(voxel_spacing(affine, 2), image.header.get_zooms()[:2], rtol=1e-5)
+        assert np.allclose(reader_affine(image), affine)  # preprocessing reads the same affine
+    report = check_dataset(info.root)
+    assert report.ok and report.errors == [], report.errors
+    # nothing about any file; only the note that RAS and LPS cases alternate on purpose
+    assert [w for w in report.warnings if not w.startswith("cases have different")] == []
+    assert main(["data", "check", str(info.root)]) == 0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"dims": 4}, "dims=4"),
     ({"shape": (32, 32)}, "has 2 entries but dims=3"),
     ({"shape": (8, 32, 32)}, "too small"),
-    ({"cases": 0}, "cases >= 1"),
+    ({"cases": 0}, "cases=0: must be an integer >= 1"),
+    ({"test_cases": -1}, "test_cases=-1: must be an integer >= 0"),
+    ({"seed": -1}, "seed=-1: must be an integer >= 0"),
+    ({"seed": 1.5}, "seed=1.5"),
 ])
-def test_bad_arguments_are_refused(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, message):
+    with pytest.raises(SynthArgumentError, match=message):
         generate_dataset(tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"index": -1}, "index"), ({"index": 0, "seed": -3}, "seed"),
+    ({"index": 0, "shape": (20, 20, 20, 20)}, "shape"),
+])
+def test_synth_case_refuses_bad_arguments(kwargs, argument):
+    with pytest.raises(SynthArgumentError) as caught:
+        synth_case(**kwargs)
+    assert caught.value.argument == argument
 
 
 def test_synth_command_writes_and_refuses_non_empty_folder(tmp_path, capsys):
@@ -105,7 +138,7 @@ def test_synth_command_writes_and_refuses_non_empty_folder(tmp_path, capsys):
     assert "wrote 2 training case(s)" in capsys.readouterr().out
     assert len(list((out / "imagesTr").iterdir())) == 2
     assert main(argv) == 1
-    assert "not empty; use --force" in capsys.readouterr().out
+    assert "not empty; use --force" in capsys.readouterr().err
     (out / "splits.json").write_text("[]")  # stale split of the old cases
     (out / "keep.txt").write_text("mine")
     assert main([*argv[:4], "--cases", "3", "--test-cases", "0", "--shape", "20", "20", "16",
@@ -115,4 +148,22 @@ def test_synth_command_writes_and_refuses_non_empty_folder(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
     assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--dims", "2",
                  "--shape", "20", "20", "16"]) == 1
-    assert "error: shape (20, 20, 16) has 3 entries but dims=2" in capsys.readouterr().out
+    assert capsys.readouterr().err == "error: --shape 20 20 16: has 3 entries but dims=2\n"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_synth_command_refuses_a_negative_seed_before_touching_the_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(["data", "synth", "--out", str(out), "--seed", "-1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "error: --seed -1: must be an integer >= 0\n"
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    argv = ["data", "synth", "--out", str(existing), "--cases", "1", "--test-cases", "0",
+            "--shape", "16", "16", "16"]
+    assert main(argv) == 0
+    before = sorted(p.relative_to(existing) for p in existing.rglob("*"))
+    assert main([*argv, "--seed", "-1", "--force"]) == 1  # --force removes nothing either
+    assert "--seed -1" in capsys.readouterr().err
+    assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before

@@ -1,7 +1,9 @@
 """Integrity check of a dataset folder, in the spirit of nnU-Net's ``verify_dataset_integrity``.
 
 :func:`check_dataset` reports every problem in one pass, each once, naming the file (relative to
-the dataset folder). Every file is opened and fully decoded exactly once; nothing is written.
+the dataset folder). Every file is fully decoded exactly once (its header is read a second time,
+unrepaired, for the raw pixdim); nothing is written. Geometry is judged by the affine that
+preprocessing reads (:func:`segmentation.data.preprocessing.reader_affine`), not by nibabel's.
 """
 
 from __future__ import annotations
@@ -58,8 +60,6 @@ class _Volume:
 
     path: Path
     data: np.ndarray
-    affine: np.ndarray
-    zooms: tuple[float, ...]
     geometry_ok: bool
     read_affine: np.ndarray  # the affine preprocessing uses (MONAI's reader; see reader_affine)
 
@@ -90,7 +90,16 @@ def check_dataset(root: str | Path) -> CheckReport:
 
 
 def format_report(report: CheckReport) -> str:
-    """The report as text: info lines, then ``warning: ...``, then ``error: ...``, a summary."""
+    """The report as text, one line per finding.
+
+    Args:
+        report: a report from :func:`check_dataset`.
+
+    Returns:
+        ``info: ...`` lines, then ``warning: ...`` lines, then ``error: ...`` lines, and last
+        ``OK: ...`` or ``FAILED: ...`` with the error and warning counts and the dataset
+        folder; lines are joined by newlines, without a trailing one.
+    """
     lines = [f"info: {line}" for line in report.info]
     lines += [f"warning: {line}" for line in report.warnings]
     lines += [f"error: {line}" for line in report.errors]
@@ -208,18 +217,25 @@ class _Checker:
             self.compare(label, reference, spatial_shape, "its image")
 
     def read(self, path: Path, what: str) -> _Volume | None:
-        """Decode a file fully; report it when missing, unreadable, non-finite or bad spacing."""
+        """Decode a file fully; report it when missing, unreadable, non-finite or bad geometry.
+
+        Geometry is judged by the affine preprocessing reads (see :func:`reader_affine`): an
+        error when it is not finite or not invertible (naming the sform or qform it comes
+        from), warnings when the header has no sform or qform at all, when a spatial pixdim is
+        0 in the file (read as 1 mm), or when the sform's spacing differs from pixdim.
+        """
         if not path.is_file():
             self.error(path, f"missing {what}")
             return None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), nib.imageglobals.LoggingOutputSuppressor():
                 warnings.simplefilter("ignore")
                 image = nib.load(str(path))
                 data = np.asanyarray(image.dataobj)
                 affine = np.asarray(image.affine, dtype=float)
                 zooms = tuple(float(z) for z in image.header.get_zooms())
                 read_affine = reader_affine(image)
+                raw_pixdim = _raw_pixdim(path, image.header)
         except Exception as error:  # nibabel raises many kinds: ImageFileError, EOFError, ...
             reason = str(error) or type(error).__name__
             self.error(path, f"cannot be read (truncated or corrupt: {reason})")
@@ -228,16 +244,34 @@ class _Checker:
             bad = int(data.size - np.count_nonzero(np.isfinite(data)))
             if bad:
                 self.error(path, f"{bad} voxel(s) are NaN or infinite")
-        spatial = zooms[: min(data.ndim, 3)]
+        n_spatial = min(data.ndim, 3)
+        spatial = zooms[:n_spatial]
+        if raw_pixdim is not None and np.any(raw_pixdim[1:1 + n_spatial] == 0):
+            shown = ", ".join(f"{v:g}" for v in raw_pixdim[1:1 + n_spatial])
+            self.warn(path, f"the header's pixdim ({shown}) has a zero voxel spacing, which "
+                            "nibabel and preprocessing silently read as 1 mm; write the real "
+                            "voxel spacing into the header")
+        header = image.header
+        nifti = isinstance(header, nib.Nifti1Header)  # Nifti2Header derives from it
+        sform_code = int(header["sform_code"]) if nifti else 1
+        qform_code = int(header["qform_code"]) if nifti else 1
         geometry_ok = False
         if any(not z > 0 for z in spatial):
             self.error(path, f"spacing {spatial} is not positive")
-        elif not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-            self.error(path, "affine is not finite or not invertible")
+        elif (not np.all(np.isfinite(read_affine))
+              or abs(np.linalg.det(read_affine[:3, :3])) < 1e-12):
+            self.error(path, f"affine is not finite or not invertible: preprocessing (MONAI's "
+                             f"reader) uses the {_affine_source(header, read_affine)}")
         else:
             geometry_ok = True
+            if sform_code == 0 and qform_code == 0:
+                codes = "".join(nib.aff2axcodes(read_affine))
+                self.warn(path, "sform_code and qform_code are both 0, so the header states no "
+                                "orientation or position; preprocessing uses a default affine "
+                                f"from pixdim ({codes} orientation); set the sform or qform if "
+                                "the scan's geometry is known")
             sform_spacing = voxel_spacing(affine, len(spatial))
-            if not np.allclose(spatial, sform_spacing, rtol=SPACING_RTOL):
+            if sform_code and not np.allclose(spatial, sform_spacing, rtol=SPACING_RTOL):
                 used = ("the qform" if not np.allclose(read_affine, affine, atol=AFFINE_ATOL)
                         else "the sform")
                 shown, pixdim = (", ".join(f"{v:.4g}" for v in values)
@@ -245,7 +279,7 @@ class _Checker:
                 self.warn(path, f"the sform's voxel spacing ({shown}) differs from the header's "
                                 f"pixdim ({pixdim}); preprocessing (MONAI's reader) uses {used}; "
                                 "rewrite the header if that is not the scan's geometry")
-        return _Volume(path, data, affine, zooms, geometry_ok, read_affine)
+        return _Volume(path, data, geometry_ok, read_affine)
 
     def check_channels(self, case: Case, volumes: list[_Volume]) -> tuple[int, ...] | None:
         """Channel count and agreement between channel files; returns the spatial shape."""
@@ -269,17 +303,24 @@ class _Checker:
 
     def compare(self, volume: _Volume, reference: _Volume, spatial_shape: tuple[int, ...],
                 what: str) -> None:
-        """Shape, spacing and affine of ``volume`` against ``reference`` (one error at most)."""
+        """Shape, spacing and affine of ``volume`` against ``reference`` (one error at most).
+
+        Spacing and affine are those preprocessing reads (``read_affine``), so two files that
+        nibabel gives the same affine but preprocessing reads differently do not agree.
+        """
         shape = volume.data.shape
         n = len(spatial_shape)
         if shape != spatial_shape:
             self.error(volume.path, f"shape {shape} differs from {what} {spatial_shape}")
-        elif not (volume.geometry_ok and reference.geometry_ok):
             return
-        elif not np.allclose(volume.zooms[:n], reference.zooms[:n], rtol=SPACING_RTOL):
-            self.error(volume.path, f"spacing {volume.zooms[:n]} differs from {what} "
-                                    f"{reference.zooms[:n]}")
-        elif not np.allclose(volume.affine, reference.affine, atol=AFFINE_ATOL):
+        if not (volume.geometry_ok and reference.geometry_ok):
+            return
+        spacing, reference_spacing = (
+            tuple(round(float(v), 6) for v in voxel_spacing(v.read_affine, n))
+            for v in (volume, reference))
+        if not np.allclose(spacing, reference_spacing, rtol=SPACING_RTOL):
+            self.error(volume.path, f"spacing {spacing} differs from {what} {reference_spacing}")
+        elif not np.allclose(volume.read_affine, reference.read_affine, atol=AFFINE_ATOL):
             self.error(volume.path, f"affine differs from {what}")
 
     def check_label_values(self, label: _Volume) -> None:
@@ -326,6 +367,42 @@ class _Checker:
                     self.report.warnings.append(
                         f"labelsTr: label {value} ({self.info.label_names[value]}) appears in no "
                         "training case")
+
+
+def _raw_pixdim(path: Path, header: nib.spatialimages.SpatialHeader) -> np.ndarray | None:
+    """``pixdim`` as stored in the file, before nibabel repairs it (zeros become 1 on load).
+
+    Args:
+        path: the NIfTI file.
+        header: its header as loaded (for the header class).
+
+    Returns:
+        The 8 raw pixdim values, or None for a file without a NIfTI header.
+    """
+    if not isinstance(header, nib.Nifti1Header):  # Nifti2Header derives from it
+        return None
+    with nib.openers.ImageOpener(str(path)) as fileobj:
+        raw = type(header).from_fileobj(fileobj, check=False)
+    return np.asarray(raw["pixdim"], dtype=float)
+
+
+def _affine_source(header: nib.spatialimages.SpatialHeader, read_affine: np.ndarray) -> str:
+    """Which part of the header the affine preprocessing reads comes from, for messages."""
+    if not isinstance(header, nib.Nifti1Header):
+        return "image's affine"
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code and np.allclose(read_affine, header.get_sform(), atol=AFFINE_ATOL,
+                                  equal_nan=True):
+        return f"sform (sform_code {sform_code})"
+    try:
+        qform = header.get_qform()
+    except Exception:  # quaternion parameters nibabel cannot turn into a rotation
+        return f"qform (qform_code {qform_code})" if qform_code else "header's affine"
+    if np.allclose(read_affine, qform, atol=AFFINE_ATOL, equal_nan=True):
+        return f"qform (qform_code {qform_code})"
+    if sform_code == 0 and qform_code == 0:
+        return "default affine from pixdim (sform_code and qform_code are 0)"
+    return f"sform (sform_code {sform_code})"
 
 
 def _files(folder: Path) -> Iterable[Path]:

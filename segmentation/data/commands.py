@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from segmentation.data.check import check_dataset, format_report
 from segmentation.data.splits import SPLITS_JSON
-from segmentation.data.synth import DEFAULT_SHAPE, generate_dataset
+from segmentation.data.synth import (
+    DEFAULT_SHAPE,
+    SynthArgumentError,
+    check_arguments,
+    generate_dataset,
+)
 
 # What `synth --force` removes from an existing folder before writing: the dataset layout only.
 SYNTH_OWNED = ("dataset.json", SPLITS_JSON, "imagesTr", "labelsTr", "imagesTs", "labelsTs")
@@ -46,15 +52,29 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    """``data synth``: refuse a non-empty folder unless --force, then generate."""
+    """``data synth``: validate the arguments, refuse a non-empty folder unless --force, generate.
+
+    Nothing is created or removed before every argument has been checked.
+
+    Args:
+        args: parsed arguments: ``out``, ``cases``, ``test_cases``, ``seed``, ``shape``,
+            ``dims`` and ``force``.
+
+    Returns:
+        0 on success; 1 after one ``error: ...`` line on stderr (naming the option, e.g.
+        ``--seed``, or the folder).
+    """
     out: Path = args.out
+    try:
+        check_arguments(cases=args.cases, test_cases=args.test_cases, seed=args.seed,
+                        shape=args.shape, dims=args.dims)
+    except SynthArgumentError as error:
+        return _error(f"{_option(error.argument)} {_shown(error.value)}: {error.problem}")
     if out.exists() and not out.is_dir():
-        print(f"error: {out} exists and is not a folder")
-        return 1
+        return _error(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not args.force:
-            print(f"error: {out} is not empty; use --force to replace the dataset in it")
-            return 1
+            return _error(f"{out} is not empty; use --force to replace the dataset in it")
         for name in SYNTH_OWNED:
             path = out / name
             if path.is_dir():
@@ -64,9 +84,8 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         info = generate_dataset(out, cases=args.cases, seed=args.seed, shape=args.shape,
                                 dims=args.dims, test_cases=args.test_cases)
-    except ValueError as error:
-        print(f"error: {error}")
-        return 1
+    except (ValueError, OSError) as error:
+        return _error(str(error))
     shape = "×".join(str(s) for s in (args.shape or DEFAULT_SHAPE[args.dims]))
     print(f"wrote {len(info.training)} training case(s) (imagesTr, labelsTr) and "
           f"{len(info.test)} test case(s) (imagesTs, labelsTs) of {shape} voxels to {out}")
@@ -74,14 +93,38 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option(argument: str) -> str:
+    """The command-line option of a generate_dataset argument: test_cases → --test-cases."""
+    return "--" + argument.replace("_", "-")
+
+
+def _shown(value: object) -> str:
+    """A value as typed on the command line: (20, 20, 16) → 20 20 16."""
+    if isinstance(value, tuple | list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _error(message: str) -> int:
+    """Print ``error: message`` on stderr; return the exit code 1."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def run_check(args: argparse.Namespace) -> int:
-    """``data check``: print the report; 1 when there are errors."""
+    """``data check``: print the report; 1 when there are errors.
+
+    Args:
+        args: parsed arguments: ``dataset``, the dataset folder.
+
+    Returns:
+        0 when the dataset has no errors (warnings allowed), else 1.
+    """
     try:
         report = check_dataset(args.dataset)
     except Exception as error:  # never a traceback for a broken dataset
-        print(f"error: {args.dataset}: the check failed unexpectedly "
-              f"({type(error).__name__}: {error})")
-        return 1
+        return _error(f"{args.dataset}: the check failed unexpectedly "
+                      f"({type(error).__name__}: {error})")
     print(format_report(report))
     return 0 if report.ok else 1
 

@@ -127,6 +127,32 @@ def detect_convention(meta: dict[str, Any]) -> Literal["nnunet", "msd"]:
     return "nnunet"
 
 
+def parse_labels(meta: dict[str, Any], path: Path) -> dict[str, int]:
+    """Label name → value from a dataset.json's ``labels``, in either convention.
+
+    nnU-Net maps name → value, MSD value → name. A file holding little more than ``labels``
+    is read as MSD when every entry maps to a name (a string).
+
+    Args:
+        meta: the parsed dataset.json.
+        path: the file, for error messages.
+
+    Returns:
+        Name → value, background (0) included.
+
+    Raises:
+        DatasetError: naming ``path``, when labels are missing or malformed.
+    """
+    if "labels" not in meta:
+        raise DatasetError(path, "missing required key labels")
+    labels = meta["labels"]
+    msd = detect_convention(meta) == "msd" or (
+        "channel_names" not in meta and "file_ending" not in meta
+        and isinstance(labels, dict) and bool(labels)
+        and all(isinstance(name, str) for name in labels.values()))
+    return _msd_labels(labels, path) if msd else _nnunet_labels(labels, path)
+
+
 def missing_keys(meta: dict[str, Any]) -> list[str]:
     """The keys the convention of ``meta`` requires that it lacks."""
     required = NNUNET_KEYS if detect_convention(meta) == "nnunet" else MSD_KEYS

@@ -6,8 +6,9 @@ drawn on the voxel grid (in millimetres, so they are round in physical space), t
 distinct but noisy intensities per structure, partial-volume blur, a smooth multiplicative bias
 field, Gaussian noise and an MRI-like scale. Geometry is realistic enough to exercise
 resampling and reorientation: anisotropic spacing varying per case, a random rotation of up to
-20°, RAS-like and LPS-like orientations alternating between cases, and a non-zero origin. The
-image and label of a case share exactly the same affine and header geometry.
+20° (about a random axis in 3D, within the image plane in 2D), RAS-like and LPS-like
+orientations alternating between cases, and a non-zero origin. The image and label of a case
+share exactly the same affine and header geometry.
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ DEFAULT_SHAPE = {2: (128, 128), 3: (64, 64, 40)}
 MIN_SIZE = 16
 MIN_VOXELS = 4  # every class must cover at least this many voxels in every case
 MAX_ANGLE_DEG = 20.0
+MIN_ANGLE_DEG = 3.0
+
+
+class SynthArgumentError(ValueError):
+    """An argument of :func:`generate_dataset` or :func:`synth_case` is not usable.
+
+    Attributes:
+        argument: the parameter's name, e.g. "seed".
+        value: the value given.
+        problem: what is wrong and what is accepted, without the name and value.
+    """
+
+    def __init__(self, argument: str, value: object, problem: str) -> None:
+        self.argument, self.value, self.problem = argument, value, problem
+        super().__init__(f"{argument}={value!r}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -65,15 +81,17 @@ def generate_dataset(out: str | Path, cases: int = 32, seed: int = 0,
         seed: seed; the same seed gives the same arrays.
         shape: voxel shape of each case; default (64, 64, 40) in 3D, (128, 128) in 2D.
         dims: 3 for volumes, 2 for 2D images.
-        test_cases: number of extra unlabelled cases in imagesTs.
+        test_cases: number of extra cases in imagesTs, their labels in labelsTs.
 
     Returns:
         The written dataset, as read back by :func:`read_dataset`.
 
     Raises:
-        ValueError: for a bad number of cases, dims or shape.
+        SynthArgumentError: (a ValueError) naming the argument, for a bad number of cases,
+            seed, dims or shape; raised before anything is written.
     """
-    shape = _check_arguments(cases, test_cases, shape, dims)
+    shape = check_arguments(cases=cases, test_cases=test_cases, seed=seed, shape=shape,
+                            dims=dims)
     out = Path(out)
     folders = ["imagesTr", "labelsTr"] + (["imagesTs", "labelsTs"] if test_cases else [])
     for folder in folders:
@@ -100,9 +118,27 @@ def generate_dataset(out: str | Path, cases: int = 32, seed: int = 0,
 def synth_case(index: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE[3]) -> SynthCase:
     """Generate case ``index`` of the dataset with seed ``seed`` (2D or 3D from ``shape``).
 
-    Even indices get a RAS-like orientation, odd ones an LPS-like one.
+    The same (index, seed, shape) always gives the same arrays. Even indices get a RAS-like
+    orientation, odd ones an LPS-like one; 2D cases are rotated within the image plane only,
+    so their affine's in-plane voxel spacing equals the spacing written to the header.
+
+    Args:
+        index: the case number, ≥ 0 (``synth_000`` is index 0).
+        seed: the dataset's seed, ≥ 0.
+        shape: voxel shape S, 2 or 3 entries, each ≥ 16.
+
+    Returns:
+        The case: image (S, float32), label (S, uint8, every value of :data:`LABELS` present)
+        and their shared 4×4 affine.
+
+    Raises:
+        SynthArgumentError: (a ValueError) naming the argument, for a negative index or seed
+            or a bad shape.
     """
-    shape = tuple(int(s) for s in shape)
+    if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
+        raise SynthArgumentError("index", index, "must be a non-negative integer")
+    _check_seed(seed)
+    shape = _check_shape(shape, len(shape))
     dims = len(shape)
     rng = np.random.default_rng([seed, index])
     base = np.array(BASE_SPACING[dims])
@@ -123,19 +159,52 @@ def synth_case(index: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE[3
     return SynthCase(image=image, label=label, affine=affine)
 
 
-def _check_arguments(cases: int, test_cases: int, shape: Sequence[int] | None,
-                     dims: int) -> tuple[int, ...]:
-    """Validate generate_dataset's arguments; return the shape to use."""
-    if dims not in (2, 3):
-        raise ValueError(f"dims={dims}: only 2 or 3 are supported")
-    if cases < 1 or test_cases < 0:
-        raise ValueError(f"need cases >= 1 and test_cases >= 0, got {cases} and {test_cases}")
-    shape = tuple(int(s) for s in (shape or DEFAULT_SHAPE[dims]))
-    if len(shape) != dims:
-        raise ValueError(f"shape {shape} has {len(shape)} entries but dims={dims}")
-    if min(shape) < MIN_SIZE:
-        raise ValueError(f"shape {shape} is too small: every axis needs >= {MIN_SIZE} voxels")
-    return shape
+def check_arguments(*, cases: int, test_cases: int, seed: int, shape: Sequence[int] | None,
+                    dims: int) -> tuple[int, ...]:
+    """Validate the arguments of :func:`generate_dataset` without writing anything.
+
+    Args:
+        cases: number of training cases, ≥ 1.
+        test_cases: number of test cases, ≥ 0.
+        seed: seed, ≥ 0.
+        shape: voxel shape with ``dims`` entries, each ≥ 16, or None for the default.
+        dims: 2 or 3.
+
+    Returns:
+        The shape to use.
+
+    Raises:
+        SynthArgumentError: (a ValueError) naming the first bad argument and its value.
+    """
+    if isinstance(dims, bool) or dims not in (2, 3):
+        raise SynthArgumentError("dims", dims, "only 2 or 3 are supported")
+    for name, value, least in (("cases", cases, 1), ("test_cases", test_cases, 0)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise SynthArgumentError(name, value, f"must be an integer >= {least}")
+    _check_seed(seed)
+    return _check_shape(shape or DEFAULT_SHAPE[dims], dims)
+
+
+def _check_seed(seed: int) -> None:
+    """Seeds are non-negative integers (numpy's generator refuses others)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise SynthArgumentError("seed", seed, "must be an integer >= 0")
+
+
+def _check_shape(shape: Sequence[int], dims: int) -> tuple[int, ...]:
+    """A shape of ``dims`` integer sizes ≥ MIN_SIZE, as a tuple."""
+    try:
+        checked = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as error:
+        raise SynthArgumentError("shape", shape, "must be a sequence of integers") from error
+    if len(checked) not in (2, 3):
+        raise SynthArgumentError("shape", checked, "needs 2 (2D) or 3 (3D) entries")
+    if len(checked) != dims:
+        raise SynthArgumentError("shape", checked, f"has {len(checked)} entries but dims={dims}")
+    if min(checked) < MIN_SIZE:
+        raise SynthArgumentError("shape", checked, f"too small: every axis needs >= {MIN_SIZE} "
+                                                   "voxels")
+    return checked
 
 
 def _rotation(rng: np.random.Generator, max_deg: float, min_deg: float = 0.0) -> np.ndarray:
@@ -147,13 +216,26 @@ def _rotation(rng: np.random.Generator, max_deg: float, min_deg: float = 0.0) ->
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
 
 
+def _rotation_z(rng: np.random.Generator, max_deg: float, min_deg: float = 0.0) -> np.ndarray:
+    """A 3×3 rotation about the z axis by ±[min_deg, max_deg]: in-plane for 2D images."""
+    angle = np.deg2rad(rng.uniform(min_deg, max_deg)) * rng.choice([-1.0, 1.0])
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
 def _affine(rng: np.random.Generator, spacing: np.ndarray, lps: bool) -> np.ndarray:
-    """Voxel → world: (LPS flip) · rotation up to 20° · spacing, plus a non-zero origin."""
+    """Voxel → world: (LPS flip) · rotation up to 20° · spacing, plus a non-zero origin.
+
+    3D affines rotate about a random axis; 2D ones about z only, so the image plane stays the
+    xy plane and the voxel spacing of the affine's upper-left 2×2 block is ``spacing``.
+    """
     zooms = np.ones(3)
     zooms[: len(spacing)] = spacing
     flip = np.diag([-1.0, -1.0, 1.0]) if lps else np.eye(3)
+    rotation = (_rotation(rng, MAX_ANGLE_DEG, MIN_ANGLE_DEG) if len(spacing) == 3
+                else _rotation_z(rng, MAX_ANGLE_DEG, MIN_ANGLE_DEG))
     affine = np.eye(4)
-    affine[:3, :3] = flip @ _rotation(rng, MAX_ANGLE_DEG, min_deg=3.0) @ np.diag(zooms)
+    affine[:3, :3] = flip @ rotation @ np.diag(zooms)
     affine[:3, 3] = rng.uniform(20, 120, 3) * rng.choice([-1.0, 1.0], 3)
     return affine
 
