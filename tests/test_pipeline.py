@@ -350,3 +350,37 @@ def test_ct_channel_count_error_names_the_file():
     with pytest.raises(ValueError, match=r"/data/x_0000\.nii\.gz: image has 2 channel\(s\) but "
                                          r"the CT statistics were fitted on 1"):
         ClipAndNormalized("image", stats)({"image": image})
+
+
+def test_a_passed_check_and_the_fitted_preprocessing_are_reused_until_a_file_changes(
+        synth_copy, tmp_path, monkeypatch):
+    from segmentation.data import datamodule
+
+    checks, fits = [], []
+    real_check, real_fit = datamodule.check_dataset, datamodule.fit_preprocessing
+    monkeypatch.setattr(datamodule, "check_dataset",
+                        lambda root: checks.append(root) or real_check(root))
+    monkeypatch.setattr(datamodule, "fit_preprocessing",
+                        lambda cases, **kw: fits.append(kw) or real_fit(cases, **kw))
+
+    def start(**settings) -> SegmentationDataModule:
+        dm = SegmentationDataModule(str(synth_copy), patch_size=(16, 16, 16), num_workers=0,
+                                    cache="none", cache_dir=str(tmp_path / "cache"), **settings)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    first = start(normalization="ct")
+    second = start(normalization="ct")  # another process, or the next run
+    assert len(checks) == 1 and len(fits) == 1
+    assert second.preprocessing.as_dict() == first.preprocessing.as_dict()
+    start(normalization="zscore")  # other settings: fitted again, the check still holds
+    assert len(checks) == 1 and len(fits) == 2
+
+    image = nib.load(str(first.train_cases[0].images[0]))
+    changed = np.asanyarray(image.dataobj).astype(np.float32) + 100
+    nib.save(nib.Nifti1Image(changed, image.affine, image.header),
+             str(first.train_cases[0].images[0]))
+    third = start(normalization="ct")  # a rewritten scan: checked and fitted again
+    assert len(checks) == 2 and len(fits) == 3
+    assert third.preprocessing.channel_stats != first.preprocessing.channel_stats

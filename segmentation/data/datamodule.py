@@ -19,11 +19,17 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from segmentation.data.check import check_dataset
-from segmentation.data.layout import Case, DatasetInfo, find_case_files, read_dataset
+from segmentation.data.layout import (
+    DATASET_JSON,
+    Case,
+    DatasetInfo,
+    find_case_files,
+    read_dataset,
+)
 from segmentation.data.patches import CLASS_LOCATIONS, ClassLocationsd, patch_transforms
 from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
 from segmentation.data.slices import RandomSlices
-from segmentation.data.splits import fold_cases, load_or_create_splits
+from segmentation.data.splits import fold_cases, load_or_create_splits, write_atomically
 
 CACHES = ("memory", "disk", "none")
 
@@ -36,6 +42,29 @@ def case_item(case: Case) -> dict[str, Any]:
     if case.label is not None:
         item["label"] = str(case.label)
     return item
+
+
+def files_key(paths: Sequence[str | Path], settings: Mapping[str, Any]) -> str:
+    """A key that changes when any file (path, size, modification time) or setting changes.
+
+    Args:
+        paths: the files the cached result was computed from.
+        settings: everything else it depends on (JSON-serialisable).
+
+    Returns:
+        16 hex digits.
+    """
+    states = []
+    for path in sorted(str(p) for p in paths):
+        state = os.stat(path)
+        states.append([os.path.abspath(path), state.st_size, state.st_mtime_ns])
+    text = json.dumps({"files": states, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def case_files(cases: Sequence[Case]) -> list[Path]:
+    """Every image and label file of ``cases``."""
+    return [p for c in cases for p in (*c.images, *([c.label] if c.label else []))]
 
 
 def file_state_hash(item: Mapping[str, Any]) -> bytes:
@@ -165,13 +194,21 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
-        """Check the dataset and write its split (once, on one process)."""
-        if self.check:
+        """Check the dataset and write its split (once, on one process).
+
+        The check decodes every file, minutes for a large dataset, so a pass is remembered
+        under ``cache_dir`` for exactly these files (paths, sizes, modification times): a run
+        on an unchanged dataset skips it, a changed file makes it run again.
+        """
+        if self.check and not self._passed_check_marker().exists():
             report = check_dataset(self.root)
             if not report.ok:
                 problems = "\n".join(f"  {error}" for error in report.errors)
                 raise ValueError(f"dataset {self.root} failed its integrity check "
                                  f"(segmentation data check {self.root}):\n{problems}")
+            marker = self._passed_check_marker()
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(marker, "passed\n")
         info = read_dataset(self.root)
         load_or_create_splits(self.root, [c.case_id for c in info.training], self.n_folds,
                               self.split_seed)
@@ -188,10 +225,39 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.val_cases = [by_id[i] for i in val_ids]
         volume_dims = 3 if self.slice_axis is not None else len(self.input_size)
         if self.preprocessing is None:
-            self.preprocessing = fit_preprocessing(
-                self.train_cases, spatial_dims=volume_dims, normalization=self.normalization,
-                spacing=self.spacing, orientation=self.orientation,
-                crop_foreground=self.crop_foreground)
+            self.preprocessing = self._fitted_preprocessing(volume_dims)
+
+    def _passed_check_marker(self) -> Path:
+        """Where a passed integrity check of the dataset's current files is recorded."""
+        try:
+            info = read_dataset(self.root)
+        except ValueError:  # a broken dataset.json: the check itself will say what is wrong
+            return self.cache_dir / "checks" / "never"
+        files = [self.root / DATASET_JSON, *case_files(info.training + info.test)]
+        key = files_key(files, {"monai": monai.__version__})
+        return self.cache_dir / "checks" / f"{self.root.name}-{key}.passed"
+
+    def _fitted_preprocessing(self, spatial_dims: int) -> Preprocessing:
+        """The preprocessing fitted to the training fold, computed once per fold and files.
+
+        Fitting reads every training scan's header, and for "ct" normalisation its voxels;
+        every DDP process and every later run of the same fold on unchanged files reads the
+        stored result (``cache_dir/fingerprints``) instead.
+        """
+        settings = {"spatial_dims": spatial_dims, "normalization": self.normalization,
+                    "spacing": self.spacing, "orientation": self.orientation,
+                    "crop_foreground": self.crop_foreground, "version": 1}
+        key = files_key(case_files(self.train_cases), settings)
+        stored = self.cache_dir / "fingerprints" / f"{self.root.name}-{key}.json"
+        if stored.exists():
+            return Preprocessing.from_dict(json.loads(stored.read_text()))
+        fitted = fit_preprocessing(
+            self.train_cases, spatial_dims=spatial_dims, normalization=self.normalization,
+            spacing=self.spacing, orientation=self.orientation,
+            crop_foreground=self.crop_foreground)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(stored, json.dumps(fitted.as_dict(), indent=2) + "\n")
+        return fitted
 
     @property
     def label_names(self) -> dict[int, str]:

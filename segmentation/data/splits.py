@@ -89,7 +89,7 @@ def load_or_create_splits(root: str | Path, case_ids: Sequence[str], n_folds: in
         _validate_splits(path, splits, case_ids, n_folds)
         return splits
     splits = make_splits(case_ids, n_folds, seed)
-    _write_atomically(path, json.dumps(splits, indent=2) + "\n")
+    write_atomically(path, json.dumps(splits, indent=2) + "\n")
     return splits
 
 
@@ -161,8 +161,11 @@ def _validate_splits(path: Path, splits: list[Split], case_ids: Sequence[str],
                                  f"use n_folds={len(splits)} or delete splits.json to re-split")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers (other DDP processes, a second run) see the old file or the new one, never a part.
+    """
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
