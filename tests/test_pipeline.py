@@ -384,3 +384,6 @@ def test_a_passed_check_and_the_fitted_preprocessing_are_reused_until_a_file_cha
     third = start(normalization="ct")  # a rewritten scan: checked and fitted again
     assert len(checks) == 2 and len(fits) == 3
     assert third.preprocessing.channel_stats != first.preprocessing.channel_stats
+    first.train_cases[1].label.unlink()  # a missing file: the check names it, no traceback
+    with pytest.raises(ValueError, match="failed its integrity check"):
+        start(normalization="ct")

@@ -231,10 +231,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         """Where a passed integrity check of the dataset's current files is recorded."""
         try:
             info = read_dataset(self.root)
-        except ValueError:  # a broken dataset.json: the check itself will say what is wrong
+            files = [self.root / DATASET_JSON, *case_files(info.training + info.test)]
+            key = files_key(files, {"monai": monai.__version__})
+        except (OSError, ValueError):  # broken or missing files: the check will name them
             return self.cache_dir / "checks" / "never"
-        files = [self.root / DATASET_JSON, *case_files(info.training + info.test)]
-        key = files_key(files, {"monai": monai.__version__})
         return self.cache_dir / "checks" / f"{self.root.name}-{key}.passed"
 
     def _fitted_preprocessing(self, spatial_dims: int) -> Preprocessing:
