@@ -387,3 +387,20 @@ def test_a_passed_check_and_the_fitted_preprocessing_are_reused_until_a_file_cha
     first.train_cases[1].label.unlink()  # a missing file: the check names it, no traceback
     with pytest.raises(ValueError, match="failed its integrity check"):
         start(normalization="ct")
+
+
+def test_zscore_over_the_foreground_shares_one_mask_between_channels():
+    """A voxel that is 0 in one channel only is still foreground there (nnU-Net's mask)."""
+    from segmentation.data.intensity import ZScoreOverForegroundd
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((2, 10, 10, 10), dtype=np.float32)
+    image[:, 2:8, 2:8, 2:8] = rng.normal(50, 5, (2, 6, 6, 6))
+    image[0, 2:4, 2:8, 2:8] = 0  # channel 0 is zero in part of the foreground
+    out = ZScoreOverForegroundd("image")({"image": torch.from_numpy(image)})["image"]
+    mask = torch.from_numpy((image != 0).any(0))
+    assert torch.all(out[:, ~mask] == 0)  # background stays 0
+    for channel in out:
+        assert abs(channel[mask].mean().item()) < 1e-4
+        assert abs(channel[mask].std(correction=0).item() - 1) < 1e-4
+    assert torch.all(out[0, 2:4, 2:8, 2:8] < -1)  # normalised with the channel's statistics

@@ -44,6 +44,11 @@ def case_item(case: Case) -> dict[str, Any]:
     return item
 
 
+# Raise when the cached volumes' chain (preprocessing + class locations) changes its output for
+# unchanged settings, so no disk cache written by the old chain is read.
+CACHED_CHAIN_VERSION = 2
+
+
 def files_key(paths: Sequence[str | Path], settings: Mapping[str, Any]) -> str:
     """A key that changes when any file (path, size, modification time) or setting changes.
 
@@ -288,9 +293,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         return Dataset(items, transform)
 
     def cache_key_dir(self) -> Path:
-        """Disk-cache folder keyed by the dataset and a hash of the preprocessing."""
+        """Disk-cache folder keyed by the dataset and a hash of the preprocessing.
+
+        The hash covers the fitted settings and ``CACHED_CHAIN_VERSION``, raised whenever the
+        transforms themselves change what they write for the same settings.
+        """
         settings = json.dumps(self.preprocessing.as_dict(), sort_keys=True)
-        key = hashlib.sha256(f"{self.root.resolve()}|{settings}".encode()).hexdigest()[:16]
+        text = f"{self.root.resolve()}|{settings}|{CACHED_CHAIN_VERSION}"
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self.cache_dir / f"{self.root.name}-{key}"
 
     # ------------------------------------------------------------------ loaders

@@ -1,5 +1,6 @@
-"""Dataset-level intensity normalisation (nnU-Net's "CT" scheme) as a MONAI transform.
+"""Intensity normalisations MONAI has no transform for, as MONAI transforms.
 
+nnU-Net's z-score within one foreground mask shared by all channels, and its "CT" scheme.
 MONAI's ClipIntensityPercentilesd computes percentiles per image; CT normalisation needs the
 *dataset's* percentiles and statistics per channel, fitted once on the training set, so it is
 written here.
@@ -42,6 +43,36 @@ class ClipAndNormalized(MapTransform):
             out = torch.as_tensor(image, dtype=torch.float32).clone()
             for c, s in enumerate(self.channel_stats):
                 out[c] = (out[c].clamp(s["lower"], s["upper"]) - s["mean"]) / s["std"]
+            if hasattr(image, "copy_meta_from"):  # keep MetaTensor geometry
+                out = type(image)(out, meta=image.meta, applied_operations=image.applied_operations)
+            d[key] = out
+        return d
+
+
+class ZScoreOverForegroundd(MapTransform):
+    """z-score every channel over the scan's foreground; the background stays 0.
+
+    The foreground is one mask for all channels: the voxels non-zero in any channel (where a
+    foreground crop found the scan), as nnU-Net normalises. MONAI's
+    ``NormalizeIntensityd(nonzero=True)`` takes each channel's own non-zero voxels instead, so
+    a voxel that is 0 in one channel only would be left out of that channel's statistics.
+
+    Args:
+        keys: keys of (C, *S) images.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Normalise every key: (x − mean) / std per channel inside the shared mask."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            out = torch.as_tensor(image, dtype=torch.float32).clone()    # (C, *S)
+            mask = (out != 0).any(0)                                      # (*S)
+            if mask.any():
+                for channel in out:                                       # (*S) views
+                    values = channel[mask]
+                    std = float(values.std(correction=0)) if values.numel() > 1 else 0.0
+                    channel[mask] = (values - values.mean()) / max(std, 1e-8)
             if hasattr(image, "copy_meta_from"):  # keep MetaTensor geometry
                 out = type(image)(out, meta=image.meta, applied_operations=image.applied_operations)
             d[key] = out

@@ -30,7 +30,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from segmentation.data.intensity import ClipAndNormalized
+from segmentation.data.intensity import ClipAndNormalized, ZScoreOverForegroundd
 from segmentation.data.layout import Case
 
 NORMALIZATIONS = ("ct", "zscore", "minmax", "none")
@@ -52,10 +52,11 @@ class Preprocessing:
         channel_stats: for "ct": per channel {"lower", "upper", "mean", "std"}.
         crop_foreground: crop each scan to its non-zero bounding box (nnU-Net does this for
             scans with a zero background, e.g. skull-stripped MRI).
-        zscore_nonzero: for "zscore": mean and std of the non-zero voxels of each channel only,
-            and zeros stay 0 (nnU-Net's normalisation within the foreground mask). None (the
-            default) follows ``crop_foreground``. Checkpoints written before this setting
-            existed load with False, the whole-image z-score they were trained with.
+        zscore_nonzero: for "zscore": mean and std over the foreground only, the voxels
+            non-zero in any channel, and the background stays 0 (nnU-Net's normalisation
+            within the foreground mask). None (the default) follows ``crop_foreground``.
+            Checkpoints written before this setting existed load with False, the whole-image
+            z-score they were trained with.
     """
 
     spatial_dims: int = 3
@@ -137,7 +138,9 @@ class Preprocessing:
         if self.normalization == "ct":
             return ClipAndNormalized("image", self.channel_stats)
         if self.normalization == "zscore":
-            return NormalizeIntensityd("image", channel_wise=True, nonzero=self.zscore_nonzero)
+            if self.zscore_nonzero:
+                return ZScoreOverForegroundd("image")
+            return NormalizeIntensityd("image", channel_wise=True)
         if self.normalization == "minmax":
             return ScaleIntensityd("image", minv=0.0, maxv=1.0, channel_wise=True)
         return EnsureTyped("image", dtype=np.float32)
