@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch import nn
 
 from segmentation import UNet
 from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.data.synth import generate_dataset
-from segmentation.training.checkpoint import load_module
+from segmentation.training.checkpoint import load_module, read_checkpoint_meta
 from segmentation.training.cli import SegmentationCLI
 from segmentation.training.module import NonFiniteLossError, SegmentationModule
 
@@ -117,11 +118,27 @@ def test_dataset_failing_its_check_stops_training_before_any_epoch(tiny3d, tmp_p
     assert not list(tmp_path.glob("test/version_*/checkpoints/*.ckpt"))
 
 
-def test_network_not_matching_the_dataset_is_refused(tiny3d, tmp_path):
-    args = fit_args(tiny3d, tmp_path, 3, "same", "--trainer.fast_dev_run", "true",
-                    "--model.net.init_args.out_channels", "3")
+def test_network_channels_come_from_the_dataset(tiny3d, tmp_path, capsys):
+    """A network YAML's in/out channels are placeholders: the dataset decides them."""
+    args = fit_args(tiny3d, tmp_path, 3, "same", "--trainer.max_steps", "1",
+                    "--trainer.limit_val_batches", "0", "--model.net.init_args.out_channels", "3")
+    cli = SegmentationCLI(args=args)
+    assert "model.net.init_args.out_channels: 3 → 4, the labels of" in capsys.readouterr().err
+    assert cli.model.net.out_channels == 4 and cli.model.net.in_channels == 1
+    saved = yaml.safe_load((tmp_path / "test" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["net"]["init_args"]["out_channels"] == 4  # the run's config says so
+    meta = read_checkpoint_meta(tmp_path / "test" / "version_0" / "checkpoints" / "last.ckpt")
+    assert meta["net"]["init_args"]["out_channels"] == 4  # and so does its checkpoint
+
+
+def test_a_network_not_matching_the_dataset_is_refused(tiny3d):
+    """The safety net for networks whose channel arguments have other names."""
+    dm = SegmentationDataModule(str(tiny3d), patch_size=(16, 16, 16), n_folds=2, num_workers=0)
+    dm.setup("fit")
+    module = SegmentationModule(UNet(spatial_dims=3, out_channels=3, features=(4, 8)),
+                                patch_size=(16, 16, 16))
     with pytest.raises(ValueError, match="set model.net.init_args.out_channels: 4"):
-        SegmentationCLI(args=args)
+        module._check_matches_dataset(dm)
 
 
 class NaNNet(nn.Module):
@@ -222,6 +239,7 @@ DDP_NONFINITE = """
 import json, os, warnings
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch import nn
 from segmentation.training.module import NonFiniteLossError, SegmentationModule
 

@@ -2,12 +2,14 @@
 
 The network's shape arithmetic reaches the data module through argument links (the label patch
 is the network's ``output_shape`` of the image patch), the data module's patch size and slice
-axis reach the model the same way, and every run gets its own versioned folder under
+axis reach the model the same way, the network's input and output channels come from the
+dataset's channels and labels, and every run gets its own versioned folder under
 ``runs/<name>/`` holding config.yaml, TensorBoard and CSV logs and checkpoints.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +19,10 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.data.layout import read_dataset
 from segmentation.training.callbacks import LastCheckpoint
 from segmentation.training.module import SegmentationModule
 
@@ -32,6 +36,43 @@ def namespace_to_dict(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [namespace_to_dict(v) for v in value]
     return value
+
+
+def channels_from_dataset(config: Namespace) -> None:
+    """Set the network's ``in_channels``/``out_channels`` from the dataset it will train on.
+
+    The number of labels and channels belongs to the dataset (dataset.json); written into a
+    network's YAML it is a copy that goes stale with the next dataset. Where ``data.root``
+    holds a readable dataset and the network takes these arguments, they are taken from it
+    (a changed value is reported on stderr) and the checkpoint's network description follows.
+    Without a readable dataset (e.g. ``--print_config`` before the data exists) the configured
+    values stay; the model refuses a mismatch once the data is there.
+
+    Args:
+        config: the parsed config of the subcommand (changed in place).
+    """
+    try:
+        info = read_dataset(config.data.root)
+    except (OSError, ValueError):
+        return
+    init_args = getattr(config.model.net, "init_args", None)
+    if init_args is None:
+        return
+    derived = {"in_channels": len(info.channel_names), "out_channels": len(info.labels)}
+    changed = {name: value for name, value in derived.items()
+               if name in init_args and init_args[name] != value}
+    for name, value in changed.items():
+        what = "channels" if name == "in_channels" else "labels"
+        _note(f"model.net.init_args.{name}: {init_args[name]} → {value}, the {what} of "
+              f"{info.root}/dataset.json")
+        init_args[name] = value
+    if changed:
+        config.model.net_config = namespace_to_dict(config.model.net)
+
+
+@rank_zero_only
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
 
 
 def next_version(run_dir: Path) -> str:
@@ -76,8 +117,9 @@ class SegmentationCLI(LightningCLI):
         parser.link_arguments("model.net", "data.network", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """Determinism, and a home for anything written without a logger."""
+        """Channels from the dataset, determinism, a home for anything written without a logger."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        channels_from_dataset(config)
         if config.deterministic:
             config.trainer.deterministic = True
         if config.trainer.default_root_dir is None:
