@@ -207,20 +207,21 @@ def _check_shape(shape: Sequence[int], dims: int) -> tuple[int, ...]:
     return checked
 
 
-def _rotation(rng: np.random.Generator, max_deg: float, min_deg: float = 0.0) -> np.ndarray:
-    """A 3×3 rotation about a random axis by an angle in [min_deg, max_deg] (Rodrigues)."""
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(min_deg, max_deg))
+def _rotation(rng: np.random.Generator, max_deg: float, min_deg: float = 0.0,
+              axis: np.ndarray | None = None) -> np.ndarray:
+    """A 3×3 rotation by an angle in [min_deg, max_deg] (Rodrigues).
+
+    About a random axis, or about ``axis`` (a unit vector) in a random direction: the z axis
+    keeps a 2D image in its plane.
+    """
+    if axis is None:
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        angle = np.deg2rad(rng.uniform(min_deg, max_deg))
+    else:
+        angle = np.deg2rad(rng.uniform(min_deg, max_deg)) * rng.choice([-1.0, 1.0])
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-
-
-def _rotation_z(rng: np.random.Generator, max_deg: float, min_deg: float = 0.0) -> np.ndarray:
-    """A 3×3 rotation about the z axis by ±[min_deg, max_deg]: in-plane for 2D images."""
-    angle = np.deg2rad(rng.uniform(min_deg, max_deg)) * rng.choice([-1.0, 1.0])
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _affine(rng: np.random.Generator, spacing: np.ndarray, lps: bool) -> np.ndarray:
@@ -232,8 +233,8 @@ def _affine(rng: np.random.Generator, spacing: np.ndarray, lps: bool) -> np.ndar
     zooms = np.ones(3)
     zooms[: len(spacing)] = spacing
     flip = np.diag([-1.0, -1.0, 1.0]) if lps else np.eye(3)
-    rotation = (_rotation(rng, MAX_ANGLE_DEG, MIN_ANGLE_DEG) if len(spacing) == 3
-                else _rotation_z(rng, MAX_ANGLE_DEG, MIN_ANGLE_DEG))
+    axis = None if len(spacing) == 3 else np.array([0.0, 0.0, 1.0])
+    rotation = _rotation(rng, MAX_ANGLE_DEG, MIN_ANGLE_DEG, axis)
     affine = np.eye(4)
     affine[:3, :3] = flip @ rotation @ np.diag(zooms)
     affine[:3, 3] = rng.uniform(20, 120, 3) * rng.choice([-1.0, 1.0], 3)
