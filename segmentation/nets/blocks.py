@@ -123,15 +123,9 @@ class ResidualBlock(nn.Module):
     (valid, stride 1). As for ConvUnit, ``output_size`` leaves the halving to the encoder.
 
     Args:
-        spatial_dims: 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels.
-        kernel_size: odd kernel size.
-        padding: "same" (zero padding of kernel_size // 2) or "valid" (none).
-        norm: normalisation by name (see :func:`layers.norm`).
-        act: activation by name (see :func:`layers.act`).
+        spatial_dims, in_ch, out_ch, kernel_size, padding, norm, act, bias: as for
+            :class:`ConvUnit`.
         dropout: dropout probability before the second convolution (0: none).
-        bias: convolution bias.
         stride: stride of the first convolution and of the projection shortcut.
     """
 
