@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -172,9 +174,14 @@ def test_bad_fold_counts_are_refused(n_folds, message):
 
 
 def test_splits_json_is_written_once_and_reused(tmp_path):
-    first = load_or_create_splits(tmp_path, IDS, n_folds=3, seed=0)
+    previous = os.umask(0o022)
+    try:
+        first = load_or_create_splits(tmp_path, IDS, n_folds=3, seed=0)
+    finally:
+        os.umask(previous)
     assert json.loads((tmp_path / "splits.json").read_text()) == first
     assert [p.name for p in tmp_path.iterdir()] == ["splits.json"]  # no temp file left
+    assert stat.S_IMODE((tmp_path / "splits.json").stat().st_mode) == 0o644  # not owner-only
     again = load_or_create_splits(tmp_path, IDS, n_folds=3, seed=99)
     assert again == first  # reused, although the seed differs
     assert make_splits(IDS, n_folds=3, seed=99) != first

@@ -18,6 +18,7 @@ from monai.transforms import Compose
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
+from segmentation.atomic import write_text_atomic
 from segmentation.data.check import check_dataset
 from segmentation.data.layout import (
     DATASET_JSON,
@@ -29,7 +30,7 @@ from segmentation.data.layout import (
 from segmentation.data.patches import CLASS_LOCATIONS, ClassLocationsd, patch_transforms
 from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
 from segmentation.data.slices import RandomSlices
-from segmentation.data.splits import fold_cases, load_or_create_splits, write_atomically
+from segmentation.data.splits import fold_cases, load_or_create_splits
 
 CACHES = ("memory", "disk", "none")
 
@@ -85,17 +86,12 @@ def file_state_hash(item: Mapping[str, Any]) -> bytes:
     Returns:
         A hex digest as bytes (what ``PersistentDataset(hash_func=...)`` expects).
     """
-    files = []
+    paths = []
     for key in ("image", "label"):
         value = item.get(key)
-        if value is None:
-            continue
-        for path in value if isinstance(value, (list, tuple)) else [value]:
-            state = os.stat(path)
-            files.append([str(path), state.st_size, state.st_mtime_ns])
-    key = json.dumps({"item": dict(item), "files": files, "monai": monai.__version__},
-                     sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest().encode()
+        if value is not None:
+            paths += value if isinstance(value, list | tuple) else [value]
+    return files_key(paths, {"item": dict(item), "monai": monai.__version__}).encode()
 
 
 class RandomPatches(TorchDataset):
@@ -205,15 +201,16 @@ class SegmentationDataModule(pl.LightningDataModule):
         under ``cache_dir`` for exactly these files (paths, sizes, modification times): a run
         on an unchanged dataset skips it, a changed file makes it run again.
         """
-        if self.check and not self._passed_check_marker().exists():
+        marker = self._passed_check_marker() if self.check else None
+        if self.check and (marker is None or not marker.exists()):
             report = check_dataset(self.root)
             if not report.ok:
                 problems = "\n".join(f"  {error}" for error in report.errors)
                 raise ValueError(f"dataset {self.root} failed its integrity check "
                                  f"(segmentation data check {self.root}):\n{problems}")
-            marker = self._passed_check_marker()
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(marker, "passed\n")
+            if marker is not None:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic("passed\n", marker)
         info = read_dataset(self.root)
         load_or_create_splits(self.root, [c.case_id for c in info.training], self.n_folds,
                               self.split_seed)
@@ -232,14 +229,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.preprocessing is None:
             self.preprocessing = self._fitted_preprocessing(volume_dims)
 
-    def _passed_check_marker(self) -> Path:
-        """Where a passed integrity check of the dataset's current files is recorded."""
+    def _passed_check_marker(self) -> Path | None:
+        """Where a passed check of the dataset's current files is recorded (None: unreadable)."""
         try:
             info = read_dataset(self.root)
             files = [self.root / DATASET_JSON, *case_files(info.training + info.test)]
             key = files_key(files, {"monai": monai.__version__})
         except (OSError, ValueError):  # broken or missing files: the check will name them
-            return self.cache_dir / "checks" / "never"
+            return None
         return self.cache_dir / "checks" / f"{self.root.name}-{key}.passed"
 
     def _fitted_preprocessing(self, spatial_dims: int) -> Preprocessing:
@@ -261,7 +258,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             spacing=self.spacing, orientation=self.orientation,
             crop_foreground=self.crop_foreground)
         stored.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(stored, json.dumps(fitted.as_dict(), indent=2) + "\n")
+        write_text_atomic(json.dumps(fitted.as_dict(), indent=2) + "\n", stored)
         return fitted
 
     @property

@@ -8,14 +8,13 @@ It is the only file this package ever writes into a dataset folder.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from segmentation.atomic import write_text_atomic
 from segmentation.data.layout import DatasetError
 
 SPLITS_JSON = "splits.json"
@@ -89,7 +88,7 @@ def load_or_create_splits(root: str | Path, case_ids: Sequence[str], n_folds: in
         _validate_splits(path, splits, case_ids, n_folds)
         return splits
     splits = make_splits(case_ids, n_folds, seed)
-    write_atomically(path, json.dumps(splits, indent=2) + "\n")
+    write_text_atomic(json.dumps(splits, indent=2) + "\n", path)
     return splits
 
 
@@ -159,18 +158,3 @@ def _validate_splits(path: Path, splits: list[Split], case_ids: Sequence[str],
     if len(splits) != n_folds:
         raise DatasetError(path, f"has {len(splits)} folds but n_folds={n_folds} was asked for; "
                                  f"use n_folds={len(splits)} or delete splits.json to re-split")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    Readers (other DDP processes, a second run) see the old file or the new one, never a part.
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

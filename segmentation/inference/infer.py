@@ -25,10 +25,11 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
+from segmentation.atomic import write_text_atomic
 from segmentation.data.layout import Case
 from segmentation.data.preprocessing import Preprocessing
 from segmentation.inference.predictor import PRECISIONS, Predictor
-from segmentation.inference.writer import like_reference, save_atomic, write_text_atomic
+from segmentation.inference.writer import like_reference, save_atomic
 from segmentation.training.checkpoint import load_module
 
 # Stitch the logits on the CPU when their buffer would take more than this share of the free GPU

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from segmentation.atomic import write_atomic
 
 
 def like_reference(data: np.ndarray, reference: nib.Nifti1Image, *,
@@ -54,37 +53,6 @@ def like_reference(data: np.ndarray, reference: nib.Nifti1Image, *,
     return image
 
 
-def _write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary)`` on a temporary file beside ``path``, fsync it, rename it.
-
-    The temporary file lies in the same folder (same file system, so the rename is atomic) and
-    keeps the target's file ending (nibabel chooses the format by it). On any failure it is
-    removed and the error is raised, so ``path`` is either absent, untouched or complete.
-    """
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=suffix)
-    os.close(handle)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide the result
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
     """Save a NIfTI image to ``path`` atomically, readable as any new file would be.
 
@@ -95,17 +63,4 @@ def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    return _write_atomic(path, lambda temporary: nib.save(image, temporary))
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a text file atomically (as :func:`save_atomic`).
-
-    Args:
-        text: the file's contents.
-        path: the target.
-
-    Returns:
-        ``path``.
-    """
-    return _write_atomic(path, lambda temporary: Path(temporary).write_text(text))
+    return write_atomic(path, lambda temporary: nib.save(image, temporary))
