@@ -43,9 +43,7 @@ class ClipAndNormalized(MapTransform):
             out = torch.as_tensor(image, dtype=torch.float32).clone()
             for c, s in enumerate(self.channel_stats):
                 out[c] = (out[c].clamp(s["lower"], s["upper"]) - s["mean"]) / s["std"]
-            if hasattr(image, "copy_meta_from"):  # keep MetaTensor geometry
-                out = type(image)(out, meta=image.meta, applied_operations=image.applied_operations)
-            d[key] = out
+            d[key] = _with_meta_of(image, out)
         return d
 
 
@@ -73,7 +71,12 @@ class ZScoreOverForegroundd(MapTransform):
                     values = channel[mask]
                     std = float(values.std(correction=0)) if values.numel() > 1 else 0.0
                     channel[mask] = (values - values.mean()) / max(std, 1e-8)
-            if hasattr(image, "copy_meta_from"):  # keep MetaTensor geometry
-                out = type(image)(out, meta=image.meta, applied_operations=image.applied_operations)
-            d[key] = out
+            d[key] = _with_meta_of(image, out)
         return d
+
+
+def _with_meta_of(image: Any, out: torch.Tensor) -> Any:
+    """``out`` as a MetaTensor with ``image``'s metadata when ``image`` is one (geometry kept)."""
+    if hasattr(image, "copy_meta_from"):
+        return type(image)(out, meta=image.meta, applied_operations=image.applied_operations)
+    return out
