@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.losses import DiceCELoss
 from torch import nn
 
 
@@ -92,13 +92,13 @@ class SegmentationLoss(nn.Module):
     """A loss on logits, applied to every deep-supervision output with nnU-Net's weights.
 
     With deep supervision, output ``l`` is weighted ``1 / 2**l``, the lowest-resolution one 0,
-    normalised to sum 1 (:func:`deep_supervision_weights`, through MONAI's
-    DeepSupervisionLoss), and each auxiliary output is paired with an exact downsampling of the
-    label on its own grid (:func:`deep_supervision_pair`), which holds for "valid" networks,
-    whose lower levels see more than the output, and for patches that are not a multiple of
-    ``2**depth``. An output of weight 0 is not compared with the label but still gets a zero
-    gradient, so every parameter takes part in each step, as DDP requires. The wrapped loss
-    always receives integer (long) labels.
+    normalised to sum 1 (:func:`deep_supervision_weights`), and each auxiliary output is paired
+    with an exact downsampling of the label on its own grid (:func:`deep_supervision_pair`),
+    which holds for "valid" networks, whose lower levels see more than the output, and for
+    patches that are not a multiple of ``2**depth``; MONAI's DeepSupervisionLoss resizes the
+    whole label onto each output instead, which misaligns both. An output of weight 0 is not
+    compared with the label but still gets a zero gradient, so every parameter takes part in
+    each step, as DDP requires. The wrapped loss always receives integer (long) labels.
 
     Args:
         loss: loss on (B, K, *S) logits and (B, 1, *S) integer labels.
@@ -107,14 +107,7 @@ class SegmentationLoss(nn.Module):
     def __init__(self, loss: nn.Module | None = None) -> None:
         super().__init__()
         self.loss = loss if loss is not None else default_loss()
-        self._deep: dict[int, DeepSupervisionLoss] = {}  # by number of outputs
 
-    def deep_supervision(self, outputs: int) -> DeepSupervisionLoss:
-        """MONAI's DeepSupervisionLoss around ``loss`` with the weights for ``outputs`` outputs."""
-        if outputs not in self._deep:
-            self._deep[outputs] = DeepSupervisionLoss(
-                self.loss, weights=deep_supervision_weights(outputs))
-        return self._deep[outputs]
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], label: torch.Tensor
                 ) -> torch.Tensor:
@@ -131,14 +124,13 @@ class SegmentationLoss(nn.Module):
         label = label.long()
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, label)
-        deep = self.deep_supervision(len(outputs))
-        weights = deep.get_weights(len(outputs))
-        loss = weights[0] * deep.get_loss(outputs[0].float(), label)
+        weights = deep_supervision_weights(len(outputs))
+        loss = weights[0] * self.loss(outputs[0].float(), label)
         for level, (weight, output) in enumerate(zip(weights[1:], outputs[1:], strict=True),
                                                  start=1):
             if weight > 0:
                 output, target = deep_supervision_pair(output, label, level)
-                loss = loss + weight * deep.get_loss(output.float(), target)
+                loss = loss + weight * self.loss(output.float(), target)
             else:
                 # A zero gradient still reaches the output's head: DDP (without
                 # find_unused_parameters) refuses a step in which a parameter took no part.
