@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 
@@ -14,25 +13,6 @@ from rich.table import Table
 
 from segmentation.config import load_network
 from segmentation.nets.unet import UNet
-
-
-def network_input_shape(net: UNet, input_shape: Sequence[int]) -> tuple[int, ...]:
-    """The spatial shape the encoder sees for an input shape.
-
-    A "same" network zero-pads its input to a multiple of 2**depth along every axis (and crops
-    the output back); a "valid" network takes the input as it is.
-
-    Args:
-        net: the U-Net.
-        input_shape: spatial input shape S.
-
-    Returns:
-        P: S rounded up to a multiple of 2**depth per axis ("same"), else S.
-    """
-    if net.padding != "same":
-        return tuple(int(n) for n in input_shape)
-    multiple = 2 ** net.depth
-    return tuple(math.ceil(int(n) / multiple) * multiple for n in input_shape)
 
 
 def level_sizes(net: UNet, input_shape: Sequence[int]
@@ -47,12 +27,12 @@ def level_sizes(net: UNet, input_shape: Sequence[int]
         (encoder, decoder): ``encoder[l]`` is the spatial size S_l of level l's encoder output,
         l = 0 … depth (the last is the bottleneck); ``decoder[l]`` is T_l, the size of level
         l's decoder output, l = 0 … depth − 1. For a "same" network these are the sizes of
-        the input zero-padded to a multiple of 2**depth (see :func:`network_input_shape`).
+        the input zero-padded to a multiple of 2**depth (see :meth:`UNet.encoder_input_shape`).
 
     Raises:
         InvalidSizeError: (a ValueError) if the shape is not valid for a "valid" network.
     """
-    padded = network_input_shape(net, input_shape)
+    padded = net.encoder_input_shape(input_shape)
     per_axis = [net.encoder.output_sizes(n) for n in padded]
     decoded = [net.decoder.output_sizes(sizes) for sizes in per_axis]
     encoder = [tuple(sizes[level] for sizes in per_axis) for level in range(net.depth + 1)]
@@ -77,7 +57,7 @@ def level_table(net: UNet, input_shape: Sequence[int]) -> Table:
     """
     encoder, decoder = level_sizes(net, input_shape)
     table = Table(title=f"{type(net).__name__} levels for input {tuple(input_shape)}")
-    padded = network_input_shape(net, input_shape)
+    padded = net.encoder_input_shape(input_shape)
     if padded != tuple(input_shape):
         table.caption = (f"same padding: the input is zero-padded to {padded} (a multiple of "
                          f"2**depth = {2 ** net.depth}) and the output cropped back")

@@ -276,17 +276,33 @@ class UNet(nn.Module):
                              f"channel(s), got {tuple(x.shape)}")
         self.check_input_shape(x.shape[2:])
 
+    def encoder_input_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """The spatial shape the encoder sees for an input shape.
+
+        A "same" network zero-pads its input to a multiple of 2**depth along every axis (and
+        crops the output back); a "valid" network takes the input as it is.
+
+        Args:
+            input_shape: spatial input shape S.
+
+        Returns:
+            P: S rounded up to a multiple of 2**depth per axis ("same"), else S.
+        """
+        if self.padding != "same":
+            return tuple(int(n) for n in input_shape)
+        multiple = 2 ** self.depth
+        return tuple(math.ceil(int(n) / multiple) * multiple for n in input_shape)
+
     def _pad_to_multiple(self, x: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
-        """Zero-pad a "same" input so every axis is a multiple of 2**depth.
+        """Zero-pad a "same" input to :meth:`encoder_input_shape`.
 
         Returns:
             The padded (N, C, *P) tensor and the slices that cut the original region back out.
         """
-        multiple = 2 ** self.depth
         pads: list[tuple[int, int]] = []
         region = [slice(None), slice(None)]
-        for n in x.shape[2:]:
-            total = math.ceil(n / multiple) * multiple - n
+        for n, p in zip(x.shape[2:], self.encoder_input_shape(x.shape[2:]), strict=True):
+            total = p - n
             before = total // 2
             pads.append((before, total - before))
             region.append(slice(before, before + n))
