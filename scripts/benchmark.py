@@ -41,17 +41,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from monai.inferers import sliding_window_inference
 
 from segmentation import UNet
 from segmentation.data.layout import Case
 from segmentation.data.preprocessing import Preprocessing
-from segmentation.inference.infer import Segmenter
+from segmentation.inference.checkpoint import CheckpointRecord, write_network_checkpoint
 from segmentation.inference.predictor import Predictor
+from segmentation.inference.segmenter import Segmenter
 from segmentation.inference.tiling import inference_tile
-from segmentation.training.module import SegmentationModule
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -236,13 +235,10 @@ def _large_volume_child(device_name: str, shape: tuple[int, ...], overlap: float
                downsample="conv" if gpu else "maxpool")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        module = SegmentationModule(net, patch_size=window, overlap=overlap,
-                                    sw_batch_size=sw_batch_size)
-        module.preprocessing = Preprocessing(spacing=None, normalization="zscore").as_dict()
-        module.label_names = {0: "background", 1: "liver", 2: "kidney", 3: "tumour"}
-        trainer = pl.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
-        trainer.strategy.connect(module)
-        trainer.save_checkpoint(root / "model.ckpt")
+        write_network_checkpoint(root / "model.ckpt", net, CheckpointRecord(
+            net=net.config, preprocessing=Preprocessing(spacing=None, normalization="zscore"),
+            label_names={0: "background", 1: "liver", 2: "kidney", 3: "tumour"},
+            patch_size=window, overlap=overlap, batch_size=sw_batch_size))
         # an LPS CT volume (as DICOM converters write it): HU-like smooth noise
         rng = np.random.default_rng(0)
         volume = rng.integers(-1000, 1500, size=shape, dtype=np.int16)

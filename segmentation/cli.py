@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from segmentation import __version__
 from segmentation.data.commands import add_data_commands
-from segmentation.evaluation import add_evaluate_command
+from segmentation.evaluation.commands import add_evaluate_command
 from segmentation.inference.commands import add_infer_command
 from segmentation.summary import add_summary_command
 
@@ -37,20 +39,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "SEGMENTATION_DEBUG"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so half-written files are cleaned up."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code.
+
+    A refusal or failure prints one ``error: ...`` line (set SEGMENTATION_DEBUG=1 for the
+    traceback) and exits 1; usage errors exit 2; Ctrl-C exits 130 and SIGTERM 143, after the
+    file being written is removed (outputs are written to a temporary file and renamed).
+    """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from segmentation.training.cli import run_lightning
+    try:
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from segmentation.training.cli import run_lightning
 
-        return run_lightning(None if from_command_line else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return 0 if not argv else 2
-    return int(args.func(args) or 0)
+            return run_lightning(None if from_command_line else argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return 0 if not argv else 2
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {describe(error)}", file=sys.stderr)
+        return 1
+
+
+def describe(error: BaseException) -> str:
+    """An exception as the user should read it: the innermost reason, its type where unclear."""
+    while error.__cause__ is not None:  # e.g. MONAI's "applying transform" around the reason
+        error = error.__cause__
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, ValueError | OSError):
+        return message
+    return f"{type(error).__name__}: {message} (an unexpected error; {DEBUG_ENV}=1 shows where)"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from segmentation.training.metrics import case_metrics, gather_cases, mean_per_class
+from segmentation.evaluation.metrics import case_metrics, mean_per_class
+from segmentation.training.gather import gather_cases
 
 
 def logits_of(prediction: torch.Tensor, classes: int) -> torch.Tensor:

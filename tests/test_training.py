@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -21,9 +22,10 @@ from torch import nn
 from segmentation import UNet
 from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.data.synth import generate_dataset
-from segmentation.training.checkpoint import load_module, read_checkpoint_meta
+from segmentation.inference.checkpoint import load_trained_network, read_record
 from segmentation.training.cli import SegmentationCLI
-from segmentation.training.module import NonFiniteLossError, SegmentationModule
+from segmentation.training.module import SegmentationModule
+from segmentation.training.nonfinite import NonFiniteLossError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
@@ -127,8 +129,8 @@ def test_network_channels_come_from_the_dataset(tiny3d, tmp_path, capsys):
     assert cli.model.net.out_channels == 4 and cli.model.net.in_channels == 1
     saved = yaml.safe_load((tmp_path / "test" / "version_0" / "config.yaml").read_text())
     assert saved["model"]["net"]["init_args"]["out_channels"] == 4  # the run's config says so
-    meta = read_checkpoint_meta(tmp_path / "test" / "version_0" / "checkpoints" / "last.ckpt")
-    assert meta["net"]["init_args"]["out_channels"] == 4  # and so does its checkpoint
+    record = read_record(tmp_path / "test" / "version_0" / "checkpoints" / "last.ckpt")
+    assert record.net["init_args"]["out_channels"] == 4  # and so does its checkpoint
 
 
 def test_a_network_not_matching_the_dataset_is_refused(tiny3d):
@@ -241,7 +243,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from torch import nn
-from segmentation.training.module import NonFiniteLossError, SegmentationModule
+from segmentation.training.module import SegmentationModule
+from segmentation.training.nonfinite import NonFiniteLossError
 
 warnings.simplefilter("ignore")
 
@@ -335,20 +338,23 @@ def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    state = checkpoint["state_dict"]
     assert state and all(key.startswith("net.") for key in state)  # the network, once
-    rebuilt = load_module(path)
-    meta = torch.load(path, map_location="cpu", weights_only=False)["segmentation"]
+    meta = checkpoint["segmentation"]
     assert meta["output_patch_size"] == list(dm.output_size)
+    rebuilt = SegmentationModule.load_from_checkpoint(path, net=copy.deepcopy(module.net))
     resaved: dict = {}
     rebuilt.on_save_checkpoint(resaved)  # what saving the loaded module again writes
     assert resaved["segmentation"] == meta
-    assert rebuilt.preprocessing == dm.preprocessing.as_dict()
+    assert rebuilt.preprocessing == dm.preprocessing
     assert rebuilt.label_names == {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
     assert list(rebuilt.hparams.patch_size) == [24, 24, 16]
+    net, record = load_trained_network(path)  # what infer rebuilds: no Lightning involved
+    assert record.preprocessing == dm.preprocessing and record.patch_size == (24, 24, 16)
     x = torch.randn(1, 1, 24, 24, 16)
     with torch.no_grad():
-        assert torch.equal(rebuilt.net(x), module.eval().net(x))
+        assert torch.equal(net(x), module.eval().net(x))
 
 
 class LastCheckpointSteps(pl.Callback):

@@ -2,117 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import Compose
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from segmentation.atomic import write_text_atomic
+from segmentation.data.cache_keys import file_state_hash, passed_check_marker, volume_cache_dir
 from segmentation.data.check import check_dataset
-from segmentation.data.layout import (
-    DATASET_JSON,
-    Case,
-    DatasetInfo,
-    find_case_files,
-    read_dataset,
-)
-from segmentation.data.patches import CLASS_LOCATIONS, ClassLocationsd, patch_transforms
-from segmentation.data.preprocessing import Preprocessing, fit_preprocessing
+from segmentation.data.fitted_preprocessing import load_or_fit_preprocessing
+from segmentation.data.items import case_item, collate_volumes
+from segmentation.data.layout import Case, DatasetInfo, find_case_files, read_dataset
+from segmentation.data.patches import ClassLocationsd, RandomPatches, patch_transforms
+from segmentation.data.preprocessing import Preprocessing
 from segmentation.data.slices import RandomSlices
 from segmentation.data.splits import fold_cases, load_or_create_splits
 
 CACHES = ("memory", "disk", "none")
-
-
-def case_item(case: Case) -> dict[str, Any]:
-    """The dict a MONAI transform chain starts from: file names and the case id."""
-    images = [str(p) for p in case.images]
-    item: dict[str, Any] = {"image": images if len(images) > 1 else images[0],
-                            "case_id": case.case_id}
-    if case.label is not None:
-        item["label"] = str(case.label)
-    return item
-
-
-# Raise when the cached volumes' chain (preprocessing + class locations) changes its output for
-# unchanged settings, so no disk cache written by the old chain is read.
-CACHED_CHAIN_VERSION = 2
-
-
-def files_key(paths: Sequence[str | Path], settings: Mapping[str, Any]) -> str:
-    """A key that changes when any file (path, size, modification time) or setting changes.
-
-    Args:
-        paths: the files the cached result was computed from.
-        settings: everything else it depends on (JSON-serialisable).
-
-    Returns:
-        16 hex digits.
-    """
-    states = []
-    for path in sorted(str(p) for p in paths):
-        state = os.stat(path)
-        states.append([os.path.abspath(path), state.st_size, state.st_mtime_ns])
-    text = json.dumps({"files": states, "settings": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def case_files(cases: Sequence[Case]) -> list[Path]:
-    """Every image and label file of ``cases``."""
-    return [p for c in cases for p in (*c.images, *([c.label] if c.label else []))]
-
-
-def file_state_hash(item: Mapping[str, Any]) -> bytes:
-    """Disk-cache key of an item: the item, each file's path, size and mtime, the MONAI version.
-
-    MONAI's default key hashes only the item (file names), so an image or label rewritten in
-    place would keep being read from the cache; with this key it is preprocessed again.
-
-    Args:
-        item: a :func:`case_item` dict; its "image" (a path or a list of paths) and "label"
-            files must exist.
-
-    Returns:
-        A hex digest as bytes (what ``PersistentDataset(hash_func=...)`` expects).
-    """
-    paths = []
-    for key in ("image", "label"):
-        value = item.get(key)
-        if value is not None:
-            paths += value if isinstance(value, list | tuple) else [value]
-    return files_key(paths, {"item": dict(item), "monai": monai.__version__}).encode()
-
-
-class RandomPatches(TorchDataset):
-    """``length`` random training patches; item ``i`` is cut from volume ``i mod n``.
-
-    The sampler's shuffling spreads cases evenly over an epoch (nnU-Net draws 250 batches per
-    epoch the same way), and a DistributedSampler splits the items between DDP ranks.
-    """
-
-    def __init__(self, volumes: TorchDataset, transform: Any, length: int) -> None:
-        self.volumes, self.transform, self.length = volumes, transform, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return {"image": (C, *input_size), "label": (1, *output_size)}."""
-        volume = self.volumes[index % len(self.volumes)]
-        # the crop reads the recorded class locations (and drops them from the patch)
-        return self.transform({k: volume[k] for k in ("image", "label", CLASS_LOCATIONS)
-                               if k in volume})
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -201,7 +114,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         under ``cache_dir`` for exactly these files (paths, sizes, modification times): a run
         on an unchanged dataset skips it, a changed file makes it run again.
         """
-        marker = self._passed_check_marker() if self.check else None
+        marker = passed_check_marker(self.root, self.cache_dir) if self.check else None
         if self.check and (marker is None or not marker.exists()):
             report = check_dataset(self.root)
             if not report.ok:
@@ -227,39 +140,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.val_cases = [by_id[i] for i in val_ids]
         volume_dims = 3 if self.slice_axis is not None else len(self.input_size)
         if self.preprocessing is None:
-            self.preprocessing = self._fitted_preprocessing(volume_dims)
-
-    def _passed_check_marker(self) -> Path | None:
-        """Where a passed check of the dataset's current files is recorded (None: unreadable)."""
-        try:
-            info = read_dataset(self.root)
-            files = [self.root / DATASET_JSON, *case_files(info.training + info.test)]
-            key = files_key(files, {"monai": monai.__version__})
-        except (OSError, ValueError):  # broken or missing files: the check will name them
-            return None
-        return self.cache_dir / "checks" / f"{self.root.name}-{key}.passed"
-
-    def _fitted_preprocessing(self, spatial_dims: int) -> Preprocessing:
-        """The preprocessing fitted to the training fold, computed once per fold and files.
-
-        Fitting reads every training scan's header, and for "ct" normalisation its voxels;
-        every DDP process and every later run of the same fold on unchanged files reads the
-        stored result (``cache_dir/fingerprints``) instead.
-        """
-        settings = {"spatial_dims": spatial_dims, "normalization": self.normalization,
-                    "spacing": self.spacing, "orientation": self.orientation,
-                    "crop_foreground": self.crop_foreground, "version": 1}
-        key = files_key(case_files(self.train_cases), settings)
-        stored = self.cache_dir / "fingerprints" / f"{self.root.name}-{key}.json"
-        if stored.exists():
-            return Preprocessing.from_dict(json.loads(stored.read_text()))
-        fitted = fit_preprocessing(
-            self.train_cases, spatial_dims=spatial_dims, normalization=self.normalization,
-            spacing=self.spacing, orientation=self.orientation,
-            crop_foreground=self.crop_foreground)
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(fitted.as_dict(), indent=2) + "\n", stored)
-        return fitted
+            # fitted once per fold and files, then read from cache_dir/fingerprints
+            self.preprocessing = load_or_fit_preprocessing(
+                self.root, self.cache_dir, self.train_cases, spatial_dims=volume_dims,
+                normalization=self.normalization, spacing=self.spacing,
+                orientation=self.orientation, crop_foreground=self.crop_foreground)
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -290,15 +175,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return Dataset(items, transform)
 
     def cache_key_dir(self) -> Path:
-        """Disk-cache folder keyed by the dataset and a hash of the preprocessing.
-
-        The hash covers the fitted settings and ``CACHED_CHAIN_VERSION``, raised whenever the
-        transforms themselves change what they write for the same settings.
-        """
-        settings = json.dumps(self.preprocessing.as_dict(), sort_keys=True)
-        text = f"{self.root.resolve()}|{settings}|{CACHED_CHAIN_VERSION}"
-        key = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return self.cache_dir / f"{self.root.name}-{key}"
+        """Disk-cache folder of the volumes (see :func:`~segmentation.data.cache_keys.volume_cache_dir`)."""
+        return volume_cache_dir(self.root, self.cache_dir, self.preprocessing)
 
     # ------------------------------------------------------------------ loaders
     def train_generator(self) -> torch.Generator:
@@ -359,8 +237,3 @@ class SegmentationDataModule(pl.LightningDataModule):
         return DataLoader(Dataset(items, self.preprocessing.transforms(("image",))),
                           batch_size=1, num_workers=self.num_workers)
 
-
-def collate_volumes(volumes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """MONAI's collation of whole volumes, without their ``class_locations`` (crops only)."""
-    return list_data_collate([{k: v for k, v in volume.items() if k != CLASS_LOCATIONS}
-                              for volume in volumes])

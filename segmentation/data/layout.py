@@ -96,6 +96,10 @@ class DatasetInfo:
         """The non-zero label values, ascending."""
         return tuple(sorted(v for v in self.labels.values() if v != 0))
 
+    def network_channels(self) -> dict[str, int]:
+        """The network arguments this dataset decides: one input per channel, output per label."""
+        return {"in_channels": len(self.channel_names), "out_channels": len(self.labels)}
+
 
 def load_dataset_json(root: str | Path) -> dict[str, Any]:
     """Read ``root/dataset.json`` as a dict.

@@ -1,5 +1,7 @@
 """Training patches: foreground-oversampled crops with the network's input and output shapes.
 
+:class:`RandomPatches` draws them from preprocessed volumes through :func:`patch_transforms`.
+
 MONAI's RandCropByPosNegLabeld fails on all-background labels and cannot pair an image window
 with a smaller, center-aligned label window (what a "valid"-padding U-Net predicts), so the crop
 is written here; everything after it (spatial and intensity augmentation) is MONAI's.
@@ -25,6 +27,7 @@ from monai.transforms import (
     Randomizable,
     RandScaleIntensityd,
 )
+from torch.utils.data import Dataset
 
 CLASS_LOCATIONS = "class_locations"
 
@@ -241,3 +244,29 @@ def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: 
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
     return Compose(steps)
+
+
+class RandomPatches(Dataset):
+    """``length`` random training patches; item ``i`` is cut from volume ``i mod n``.
+
+    The sampler's shuffling spreads cases evenly over an epoch (nnU-Net draws 250 batches per
+    epoch the same way), and a DistributedSampler splits the items between DDP ranks.
+
+    Args:
+        volumes: dataset of preprocessed volumes, with their recorded ``class_locations``.
+        transform: the chain of :func:`patch_transforms`.
+        length: patches per epoch.
+    """
+
+    def __init__(self, volumes: Dataset, transform: Any, length: int) -> None:
+        self.volumes, self.transform, self.length = volumes, transform, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return {"image": (C, *input_size), "label": (1, *output_size)}."""
+        volume = self.volumes[index % len(self.volumes)]
+        # the crop reads the recorded class locations (and drops them from the patch)
+        return self.transform({k: volume[k] for k in ("image", "label", CLASS_LOCATIONS)
+                               if k in volume})

@@ -21,6 +21,7 @@ from segmentation.data.patches import (
     class_locations,
     intensity_augmentation,
 )
+from segmentation.nets.spatial import center_crop
 
 
 def slice_augmentation() -> A.Compose:
@@ -129,12 +130,7 @@ class RandomSlices(Randomizable, Dataset):
                                mask=np.ascontiguousarray(label2d[0]))
             image2d, label2d = out["image"].transpose(2, 0, 1), out["mask"][None]
             image2d = np.asarray(self.intensity({"image": np.ascontiguousarray(image2d)})["image"])
-        label2d = _center_crop(label2d, self.output_size)
+        label2d = center_crop(label2d, self.output_size)
         return {"image": torch.from_numpy(np.ascontiguousarray(image2d, dtype=np.float32)),
                 "label": torch.from_numpy(np.ascontiguousarray(label2d)).long()}
 
-
-def _center_crop(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    starts = [(n - s) // 2 for n, s in zip(array.shape[1:], size, strict=True)]
-    return array[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(starts, size,
-                                                                          strict=True))]

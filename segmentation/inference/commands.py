@@ -9,44 +9,78 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from segmentation.data.layout import find_case_files
-from segmentation.inference.infer import (
-    CaseResult,
-    Segmenter,
-    check_outputs,
-    provenance,
-    write_provenance,
-)
+from segmentation.data.layout import Case, find_case_files
+from segmentation.inference.outputs import check_outputs, prepare_output_dir
 from segmentation.inference.predictor import PRECISIONS
+from segmentation.inference.provenance import (
+    CaseResult,
+    ProvenanceError,
+    append_run,
+    read_runs,
+    run_record,
+)
+from segmentation.inference.segmenter import Segmenter
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    """Segment every case; a failing case is reported and skipped. Exit 1 if any failed."""
+    """Segment every case; a failing case is reported and skipped. Exit 1 if any failed.
+
+    Everything that would stop the run is checked before the first scan: the checkpoint, the
+    inputs, the output folder, every output path and an existing provenance.json.
+    """
     console = Console(stderr=True, soft_wrap=True)  # one line per message, never wrapped
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
     started = time.time()
     checkpoint, output_dir = Path(args.checkpoint), Path(args.output)
     try:
         segmenter = Segmenter(checkpoint, overlap=args.overlap, tta=args.tta, device=args.device,
                               batch_size=args.batch_size, precision=args.precision,
-                              compile=args.compile,
-                              note=lambda message: console.print(f"note: {message}", markup=False,
-                                                                 highlight=False))
+                              compile=args.compile, note=lambda message: say(f"note: {message}"))
         cases = find_case_files(args.input, n_channels=segmenter.in_channels)
-    except Exception as err:  # a bad checkpoint or input list: one line, no traceback
-        console.print(f"error: {err}", markup=False, highlight=False)
+    except ValueError as err:  # a bad checkpoint, setting or input list: one line
+        say(f"error: {err}")
         return 1
-    if not cases:
-        console.print(f"error: no .nii/.nii.gz scans found in {' '.join(args.input)}")
+    problem = prepare_output_dir(output_dir)
+    if problem:
+        say(f"error: {problem}")
         return 1
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        read_runs(output_dir)  # an unreadable provenance.json would be lost at the end
+    except ProvenanceError as err:
+        say(f"error: {err}")
+        return 1
     problems = check_outputs(cases, output_dir, save_probabilities=args.save_probabilities,
                              overwrite=args.overwrite)
     for problem in problems:
-        console.print(f"error: {problem}", markup=False, highlight=False)
+        say(f"error: {problem}")
     if problems:
         return 1
 
-    results = []
+    results: list[CaseResult] = []
+    settings = {"overlap": segmenter.overlap, "tta": args.tta, "device": str(segmenter.device),
+                "batch_size": segmenter.batch_size, "precision": segmenter.precision,
+                "compile": args.compile,
+                "save_probabilities": args.save_probabilities, "overwrite": args.overwrite}
+    try:
+        segment_all(segmenter, cases, output_dir, args.save_probabilities, results, console)
+    except BaseException:  # interrupted: still record what was written
+        if results:
+            append_run(output_dir, {**run_record(checkpoint, settings, results, started),
+                                    "interrupted": True})
+        raise
+    append_run(output_dir, run_record(checkpoint, settings, results, started))
+    failed = [r for r in results if r.error]
+    console.print(f"wrote {len(results) - len(failed)} segmentation(s) to {output_dir}"
+                  + (f"; {len(failed)} scan(s) failed" if failed else ""), highlight=False)
+    return 1 if failed else 0
+
+
+def segment_all(segmenter: Segmenter, cases: list[Case], output_dir: Path,
+                save_probabilities: bool, results: list[CaseResult], console: Console) -> None:
+    """Segment the cases one by one with progress bars, appending to ``results`` as they end."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -62,7 +96,7 @@ def run_infer(args: argparse.Namespace) -> int:
             progress.update(scans, description=f"scans ({case.case_id})")
             try:
                 written = segmenter.segment(case, output_dir,
-                                            save_probabilities=args.save_probabilities,
+                                            save_probabilities=save_probabilities,
                                             progress=on_windows)
                 result.outputs = [str(p) for p in written]
             except Exception as err:  # one bad scan must not stop the others
@@ -74,16 +108,6 @@ def run_infer(args: argparse.Namespace) -> int:
             results.append(result)
             progress.update(windows, visible=False)
             progress.advance(scans)
-
-    settings = {"overlap": segmenter.overlap, "tta": args.tta, "device": str(segmenter.device),
-                "batch_size": segmenter.batch_size, "precision": segmenter.precision,
-                "compile": args.compile,
-                "save_probabilities": args.save_probabilities, "overwrite": args.overwrite}
-    write_provenance(output_dir, provenance(checkpoint, settings, results, started))
-    failed = [r for r in results if r.error]
-    console.print(f"wrote {len(results) - len(failed)} segmentation(s) to {output_dir}"
-                  + (f"; {len(failed)} scan(s) failed" if failed else ""), highlight=False)
-    return 1 if failed else 0
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -99,7 +123,7 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
         "infer", help="segment NIfTI scans with a trained checkpoint",
         description="Segment scans with a checkpoint alone: network, preprocessing and label "
                     "names come from it. Writes CASE.nii.gz label maps with each scan's exact "
-                    "geometry, and provenance.json.")
+                    "geometry; provenance.json records every run into the folder.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by fit")
     parser.add_argument("--input", required=True, nargs="+",
                         help="scans (.nii/.nii.gz) or folders; CASE_0000, CASE_0001, ... are "

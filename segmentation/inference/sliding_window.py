@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
 from segmentation.inference.batches import box, run_regions
+from segmentation.nets.spatial import pad_spatial
 
 SIGMA_SCALE = 0.125  # nnU-Net's and MONAI's Gaussian: sigma = window / 8
 
@@ -101,8 +101,7 @@ def sliding_window(
     # zero-pad axes shorter than the window, half before and half after (MONAI's convention)
     pads = [(max(w - s, 0) // 2, max(w - s, 0) - max(w - s, 0) // 2)
             for s, w in zip(spatial, window, strict=True)]
-    if any(b or a for b, a in pads):
-        image = F.pad(image, [p for pair in reversed(pads) for p in pair])
+    image = pad_spatial(image, pads)
     padded = tuple(image.shape[2:])
     starts = _starts(padded, window, overlap)
     importance = importance_map(window, image.device)               # (1, *window)

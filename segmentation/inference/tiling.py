@@ -15,10 +15,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segmentation.inference.batches import box, run_regions
+from segmentation.nets.spatial import pad_spatial
 
 # Layers whose output at a voxel depends on the whole input they are given (statistics over the
 # tile), so predictions depend on where the tiles fall: with them, the tile stays as trained.
@@ -45,10 +45,9 @@ def mirror_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor
                               [x.narrow(dim, 0, 1)] * after, dim=dim)
                 break
             b, a = min(before, size - 1), min(after, size - 1)
-            flat = [0, 0] * (x.ndim - 2)
-            position = 2 * (x.ndim - 1 - dim)  # F.pad lists the last axis first
-            flat[position:position + 2] = [b, a]
-            x = F.pad(x, flat, mode="reflect")
+            this_axis = [(0, 0)] * (x.ndim - 2)
+            this_axis[axis] = (b, a)
+            x = pad_spatial(x, this_axis, mode="reflect")  # reflects at most size − 1 voxels
             before, after = before - b, after - a
     return x
 

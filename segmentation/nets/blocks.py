@@ -1,4 +1,4 @@
-"""Convolution blocks of the U-Net and the center crop used by "valid" convolutions.
+"""Convolution blocks of the U-Net.
 
 Every block knows how it changes a spatial size (``output_size``), so the network's shape
 arithmetic is derived from the blocks it is built of rather than from a formula kept apart.
@@ -6,36 +6,11 @@ arithmetic is derived from the blocks it is built of rather than from a formula 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from segmentation.nets import layers
-
-
-class InvalidSizeError(ValueError):
-    """A spatial size that a layer cannot take (odd before a pooling, or shrunk to nothing)."""
-
-
-def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Crop the spatial dims of ``x`` to ``size`` around the centre.
-
-    Args:
-        x: (N, C, *S) tensor.
-        size: target spatial size, each entry ≤ the matching entry of S, with an even
-            difference so the crop is symmetric.
-
-    Returns:
-        (N, C, *size) view of ``x``.
-    """
-    slices = [slice(None), slice(None)]
-    for have, want in zip(x.shape[2:], size, strict=True):
-        if have < want or (have - want) % 2:
-            raise InvalidSizeError(f"cannot center-crop size {have} to {want}")
-        start = (have - want) // 2
-        slices.append(slice(start, start + want))
-    return x[tuple(slices)]
+from segmentation.nets.spatial import InvalidSizeError, center_crop
 
 
 class ConvUnit(nn.Sequential):

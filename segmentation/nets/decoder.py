@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from segmentation.nets import layers
-from segmentation.nets.blocks import InvalidSizeError, PlainBlock, center_crop
+from segmentation.nets.blocks import PlainBlock
 from segmentation.nets.encoder import Encoder
+from segmentation.nets.spatial import InvalidSizeError, center_crop
 
 
 class Decoder(nn.Module):

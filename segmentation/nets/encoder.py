@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from segmentation.nets import layers
-from segmentation.nets.blocks import InvalidSizeError, PlainBlock, ResidualStage
+from segmentation.nets.blocks import PlainBlock, ResidualStage
+from segmentation.nets.spatial import InvalidSizeError
 
 
 class Encoder(nn.Module):

@@ -6,13 +6,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segmentation.nets import layers
-from segmentation.nets.blocks import InvalidSizeError
 from segmentation.nets.decoder import Decoder
 from segmentation.nets.encoder import Encoder
+from segmentation.nets.spatial import InvalidSizeError, pad_spatial
 
 _SEARCH_LIMIT = 4096  # how far the valid-size search looks above or below a requested size
 
@@ -256,14 +255,26 @@ class UNet(nn.Module):
         return tuple(shape)
 
     def input_shape_for_output(self, min_output: Sequence[int]) -> tuple[int, ...]:
-        """The smallest valid input whose output is at least ``min_output`` along every axis."""
+        """The smallest valid input whose output is at least ``min_output`` along every axis.
+
+        What to train on or tile with for a wanted output: a "valid" network predicts less than
+        it reads (the paper's 572×572 input gives 388×388), a "same" one exactly its input.
+
+        Raises:
+            ValueError: if the shape has the wrong number of axes or no valid input reaches it.
+        """
+        if len(min_output) != self.spatial_dims:
+            raise ValueError(f"expected a {self.spatial_dims}D spatial shape, got "
+                             f"{tuple(min_output)}")
         if self.padding == "same":
             return self.valid_input_shape(min_output)
         shape = []
-        for want in min_output:
-            n = self.valid_input_shape([int(want)] * self.spatial_dims)[0]
-            while self._output_size(n) < want:
+        for want in (int(w) for w in min_output):
+            n = self.nearest_valid_sizes(want)[1]  # the output is never larger than the input
+            while n is not None and self._output_size(n) < want:
                 n = self.nearest_valid_sizes(n + 1)[1]
+            if n is None:
+                raise ValueError(f"no valid input size found for an output of {want}")
             shape.append(n)
         return tuple(shape)
 
@@ -306,8 +317,7 @@ class UNet(nn.Module):
             before = total // 2
             pads.append((before, total - before))
             region.append(slice(before, before + n))
-        flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants last axis first
-        return (F.pad(x, flat) if any(flat) else x), region
+        return pad_spatial(x, pads), region
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Segment a batch.

@@ -20,9 +20,11 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
 
 from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.data.layout import read_dataset
+from segmentation.inference.checkpoint import CheckpointError, network_weights, read_checkpoint
 from segmentation.training.callbacks import LastCheckpoint
 from segmentation.training.module import SegmentationModule
 
@@ -58,8 +60,7 @@ def channels_from_dataset(config: Namespace) -> None:
     init_args = getattr(config.model.net, "init_args", None)
     if init_args is None:
         return
-    derived = {"in_channels": len(info.channel_names), "out_channels": len(info.labels)}
-    changed = {name: value for name, value in derived.items()
+    changed = {name: value for name, value in info.network_channels().items()
                if name in init_args and init_args[name] != value}
     for name, value in changed.items():
         what = "channels" if name == "in_channels" else "labels"
@@ -82,11 +83,49 @@ def next_version(run_dir: Path) -> str:
     return f"version_{max(numbers, default=-1) + 1}"
 
 
-def newest_last_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written ``last.ckpt`` of any version of a run."""
+def last_checkpoint_of_run(run_dir: Path) -> Path:
+    """What ``--ckpt_path last`` means: the newest ``last.ckpt`` of any version of a run.
+
+    Lightning would look for it only in this run's new, empty version folder (and, outside
+    ``fit``, go on with untrained weights); the run's earlier versions hold it.
+
+    Raises:
+        ValueError: if no version of the run has a last.ckpt.
+    """
     candidates = sorted(run_dir.glob("version_*/checkpoints/last*.ckpt"),
                         key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    if not candidates:
+        raise ValueError(f"--ckpt_path last: no last.ckpt under {run_dir}/version_*/checkpoints; "
+                         "train first or pass a checkpoint file as --ckpt_path")
+    return candidates[-1]
+
+
+def check_weights_fit(path: str | Path, weights: dict[str, Any], net: nn.Module) -> None:
+    """Refuse the weights of a ``--ckpt_path`` written for another network.
+
+    Lightning would find out only after the run folder exists, and with a long traceback.
+
+    Args:
+        path: the checkpoint (named in the error).
+        weights: its network weights (see ``inference.checkpoint.network_weights``).
+        net: the configured network.
+
+    Raises:
+        CheckpointError: one line naming the file and the first mismatch.
+    """
+    own = net.state_dict()
+    for key, tensor in own.items():
+        if key not in weights:
+            raise CheckpointError(f"{path}: written for another network (it has no weights "
+                                  f"for net.{key}); pass the config.yaml of the run that wrote it")
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: written for another network (net.{key} has shape "
+                                  f"{list(weights[key].shape)} there, {list(tensor.shape)} in "
+                                  "model.net); pass the config.yaml of the run that wrote it")
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise CheckpointError(f"{path}: written for another network (net.{extra[0]} is not in "
+                              "model.net); pass the config.yaml of the run that wrote it")
 
 
 # The CSV logger shares the run folder with TensorBoard and config.yaml by design.
@@ -116,10 +155,29 @@ class SegmentationCLI(LightningCLI):
         parser.link_arguments("model.net", "model.net_config", compute_fn=namespace_to_dict)
         parser.link_arguments("model.net", "data.network", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and refuse an unsafe or foreign file, then Lightning's.
+
+        Lightning's own step reads the checkpoint's hyperparameters as config defaults; it is
+        the first to open ``--ckpt_path``, so the file is checked here (read as tensors and
+        plain data only, one line naming it when refused). Its network weights are kept until
+        the model exists and can be compared with them (:meth:`instantiate_trainer`).
+        """
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("ckpt_path"):
+            if config.ckpt_path == "last":
+                config.ckpt_path = str(last_checkpoint_of_run(Path(config.runs_dir)
+                                                              / config.name))
+            self._checkpoint_weights = network_weights(read_checkpoint(config.ckpt_path))
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
-        """Channels from the dataset, determinism, a home for anything written without a logger."""
+        """Channels from the dataset, ``--ckpt_path last``, determinism, a default root dir."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         channels_from_dataset(config)
+        if "weights_only" in config and config.weights_only is None:
+            # our checkpoints hold tensors and plain data: never unpickle anything else
+            config.weights_only = True
         if config.deterministic:
             config.trainer.deterministic = True
         if config.trainer.default_root_dir is None:
@@ -137,6 +195,9 @@ class SegmentationCLI(LightningCLI):
         names is not added twice.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path"):  # before any run folder exists
+            check_weights_fit(config.ckpt_path, self._checkpoint_weights, self.model.net)
+            del self._checkpoint_weights
         trainer = self._get(self.config_init, "trainer", default={})
         logger = trainer.get("logger")
         if logger in (None, True):
@@ -161,41 +222,6 @@ class SegmentationCLI(LightningCLI):
         kinds = {type(c) for c in configured}
         kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds]
         return super().instantiate_trainer(**kwargs)
-
-    def resolve_last_checkpoint(self) -> None:
-        """Resolve ``--ckpt_path last`` to the newest last.ckpt of this run name.
-
-        Lightning would look for it only in this run's new, empty version folder (and, outside
-        ``fit``, go on with untrained weights); the run's earlier versions hold it.
-
-        Raises:
-            ValueError: if no version of the run has a last.ckpt.
-        """
-        init = self.config_init[self.subcommand]
-        if init.get("ckpt_path") == "last":
-            config = self.config[self.subcommand]
-            found = newest_last_checkpoint(Path(config.runs_dir) / config.name)
-            if found is None:
-                raise ValueError(f"--ckpt_path last: no last.ckpt under "
-                                 f"{Path(config.runs_dir) / config.name}/version_*/checkpoints; "
-                                 "train first or pass a checkpoint file as --ckpt_path")
-            init["ckpt_path"] = str(found)
-
-    def before_fit(self) -> None:
-        """Resume from ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
-        self.resolve_last_checkpoint()
-
-    def before_validate(self) -> None:
-        """Validate ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
-        self.resolve_last_checkpoint()
-
-    def before_test(self) -> None:
-        """Test ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
-        self.resolve_last_checkpoint()
-
-    def before_predict(self) -> None:
-        """Predict with ``--ckpt_path last`` (see :meth:`resolve_last_checkpoint`)."""
-        self.resolve_last_checkpoint()
 
 
 def run_lightning(args: Sequence[str] | None) -> int:

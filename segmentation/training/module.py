@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,15 +12,13 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from segmentation.data.preprocessing import Preprocessing
+from segmentation.evaluation.metrics import case_metrics, mean_per_class, write_case_table
+from segmentation.inference.checkpoint import RECORD_KEY, CheckpointRecord
 from segmentation.inference.predictor import Predictor
+from segmentation.training.gather import gather_cases
 from segmentation.training.losses import SegmentationLoss
-from segmentation.training.metrics import case_metrics, gather_cases, mean_per_class
-
-NONFINITE = ("stop", "skip")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+from segmentation.training.nonfinite import NonFiniteLossPolicy
 
 
 class SegmentationModule(pl.LightningModule):
@@ -42,9 +38,8 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: windows per forward pass in validation.
         mirror_tta: mirror test-time augmentation in validation and test.
         compile: run the network through ``torch.compile``.
-        nonfinite_loss: what a NaN or infinite loss on any process does: "stop" (every process
-            raises NonFiniteLossError naming the step) or "skip" (warn and skip the optimizer
-            step that the batch belongs to on every process: its gradients are dropped).
+        nonfinite_loss: what a NaN or infinite loss on any process does: "stop" or "skip"
+            (see :class:`NonFiniteLossPolicy`).
         test_hd95: compute HD95 in ``test``.
         net_config: class_path/init_args of ``net`` (filled in by the CLI; our UNet records its
             own), stored so a checkpoint alone rebuilds the network.
@@ -67,9 +62,7 @@ class SegmentationModule(pl.LightningModule):
         net_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if nonfinite_loss not in NONFINITE:
-            raise ValueError(f"nonfinite_loss={nonfinite_loss!r}; choose one of "
-                             f"{', '.join(NONFINITE)}")
+        self.nonfinite = NonFiniteLossPolicy(nonfinite_loss, net)
         self.net = net
         self.loss_fn = SegmentationLoss(loss)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -79,11 +72,9 @@ class SegmentationModule(pl.LightningModule):
         # A compiled *function*, not a module attribute, so the state dict keeps only "net.*".
         self._forward = torch.compile(net.forward) if compile else net.forward
         # Filled from the data module at fit/validate/test time, or from a checkpoint.
-        self.preprocessing: dict[str, Any] | None = None
+        self.preprocessing: Preprocessing | None = None
         self.label_names: dict[int, str] = {}
-        self.output_patch_size: list[int] | None = None
-        self._skip_optimizer_step = False
-        self._buffers_before_skip: list[torch.Tensor] | None = None
+        self.output_patch_size: tuple[int, ...] | None = None
         self._val_rows: list[dict] = []
         self._test_rows: list[dict] = []
 
@@ -98,16 +89,15 @@ class SegmentationModule(pl.LightningModule):
         if datamodule is not None and getattr(datamodule, "preprocessing", None) is None:
             datamodule.setup(stage)
         if datamodule is not None:
-            self.preprocessing = datamodule.preprocessing.as_dict()
+            self.preprocessing = datamodule.preprocessing
             self.label_names = dict(datamodule.label_names)
-            self.output_patch_size = list(datamodule.output_size)
+            self.output_patch_size = tuple(datamodule.output_size)
             self._check_matches_dataset(datamodule)
 
     def _check_matches_dataset(self, datamodule: Any) -> None:
         """The network's input and output channels must fit the dataset's channels and labels."""
         info = datamodule.info
-        expected = {"in_channels": len(info.channel_names), "out_channels": len(info.labels)}
-        for name, want in expected.items():
+        for name, want in info.network_channels().items():
             have = getattr(self.net, name, None)
             if have is not None and have != want:
                 raise ValueError(f"the network has {name}={have} but dataset {info.root} has "
@@ -116,22 +106,20 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint describe itself: network, preprocessing, labels, patch shapes."""
-        checkpoint["segmentation"] = {
-            "net": self.net_config,
-            "preprocessing": self.preprocessing,
-            "label_names": {int(k): v for k, v in self.label_names.items()},
-            "patch_size": list(self.hparams.patch_size) if self.hparams.patch_size else None,
-            "output_patch_size": self.output_patch_size,
-            "slice_axis": self.hparams.slice_axis,
-        }
+        checkpoint[RECORD_KEY] = CheckpointRecord(
+            net=self.net_config, preprocessing=self.preprocessing, label_names=self.label_names,
+            patch_size=self.hparams.patch_size, output_patch_size=self.output_patch_size,
+            slice_axis=self.hparams.slice_axis, overlap=self.hparams.overlap,
+            batch_size=self.hparams.sw_batch_size).as_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore what :meth:`on_save_checkpoint` stored."""
-        meta = checkpoint.get("segmentation", {})
-        self.preprocessing = meta.get("preprocessing")
-        self.label_names = {int(k): v for k, v in (meta.get("label_names") or {}).items()}
-        output_patch_size = meta.get("output_patch_size")
-        self.output_patch_size = list(output_patch_size) if output_patch_size else None
+        if checkpoint.get(RECORD_KEY, {}).get("net") is None:
+            return
+        record = CheckpointRecord.from_checkpoint(checkpoint)
+        self.preprocessing = record.preprocessing
+        self.label_names = dict(record.label_names or {})
+        self.output_patch_size = record.output_patch_size
 
     @property
     def foreground_names(self) -> list[str]:
@@ -139,8 +127,8 @@ class SegmentationModule(pl.LightningModule):
         classes = getattr(self.net, "out_channels", None) or len(self.label_names)
         return [self.label_names.get(k, f"class_{k}") for k in range(1, classes)]
 
-    def predictor(self) -> Predictor:
-        """The whole-scan predictor shared with ``segmentation infer``."""
+    def make_predictor(self) -> Predictor:
+        """A whole-scan predictor of the network, as ``segmentation infer`` uses it."""
         if self.hparams.patch_size is None:
             raise ValueError("patch_size is not set; the CLI links it from data.patch_size")
         return Predictor(self.net, self.hparams.patch_size, overlap=self.hparams.overlap,
@@ -151,12 +139,8 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One step on a batch of patches.
 
-        A non-finite loss on any process is handled on all of them together, so no process is
-        left waiting in a gradient all-reduce: "stop" raises NonFiniteLossError everywhere;
-        "skip" still returns the loss (the backward pass and its all-reduce run as usual) and
-        :meth:`on_before_optimizer_step` drops the gradients so the optimizer leaves the weights
-        (and its momentum) untouched; the network's buffers (batch norm running statistics,
-        already updated by the bad batch's forward pass) are restored.
+        A non-finite loss on any process is handled on all of them together (see
+        :class:`NonFiniteLossPolicy`), so no process is left waiting in a gradient all-reduce.
 
         Args:
             batch: image (B, C, *in) and label (B, 1, *out).
@@ -169,10 +153,8 @@ class SegmentationModule(pl.LightningModule):
             NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss is NaN or infinite on
                 any process.
         """
-        # With "skip", the buffers (batch norm running statistics) are kept to be restored:
-        # the forward pass updates them before the loss can show that the batch is bad.
-        buffers = ([b.detach().clone() for b in self.net.buffers()]
-                   if self.hparams.nonfinite_loss == "skip" else None)
+        # the forward pass updates batch norm statistics before the loss shows a bad batch
+        buffers = self.nonfinite.snapshot()
         outputs = self(batch["image"])
         loss = self.loss_fn(outputs, batch["label"])
         local = not bool(torch.isfinite(loss))
@@ -183,32 +165,15 @@ class SegmentationModule(pl.LightningModule):
                      else "non-finite loss on another process")
             where = (f"{value} at global step {self.global_step} (epoch {self.current_epoch}, "
                      f"batch {batch_idx})")
-            if self.hparams.nonfinite_loss == "stop":
-                raise NonFiniteLossError(f"{where}; training stopped. Lower the learning rate, "
-                                         "check the data, or set nonfinite_loss: skip")
-            warnings.warn(f"{where}; batch skipped", RuntimeWarning, stacklevel=1)
-            self._skip_optimizer_step = True
-            if self._buffers_before_skip is None:  # the first bad batch of an accumulation
-                self._buffers_before_skip = buffers  # restored once backward no longer needs them
+            self.nonfinite.found(where, buffers)
             return loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["image"].shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the gradients of a step that saw a non-finite loss (``nonfinite_loss: skip``).
-
-        Parameters without a gradient are left alone by the optimizer (no update, no weight
-        decay, no momentum); with gradient accumulation the whole accumulated step is skipped.
-        """
-        if self._skip_optimizer_step:
-            self._skip_optimizer_step = False
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(self.net.buffers(), self._buffers_before_skip or [],
-                                         strict=True):
-                    buffer.copy_(saved)
-            self._buffers_before_skip = None
+        """Drop the update of a step that saw a non-finite loss (``nonfinite_loss: skip``)."""
+        self.nonfinite.before_optimizer_step(optimizer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""
@@ -228,10 +193,10 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict[str, Any], hd95: bool) -> tuple[torch.Tensor, list[dict]]:
         image, label = batch["image"], batch["label"]
-        logits = self.predictor()(torch.as_tensor(image))           # (B, K, *S)
+        logits = self.make_predictor()(torch.as_tensor(image))      # (B, K, *S)
         label = torch.as_tensor(label).long()
         loss = self.loss_fn.loss(logits, label)
-        spacing = (self.preprocessing or {}).get("spacing")
+        spacing = self.preprocessing.spacing if self.preprocessing else None
         metrics = case_metrics(logits, label, hd95=hd95, spacing=spacing)
         ids = batch.get("case_id") or [f"case_{i}" for i in range(image.shape[0])]
         rows = [{"case_id": case_id, **{k: v[i].tolist() for k, v in metrics.items()}}
@@ -273,23 +238,14 @@ class SegmentationModule(pl.LightningModule):
                 self.log(f"test/{key}", sum(finite) / len(finite))
         log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
         if self.trainer.is_global_zero and log_dir:
-            self.write_metrics_csv(Path(log_dir) / "test_metrics.csv", rows, keys)
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            write_case_table(Path(log_dir) / "test_metrics.csv", rows, names, keys)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Label maps in the preprocessed grid: {"case_id": [...], "label": (B, 1, *S) uint8}.
 
         ``segmentation infer`` is the command that maps predictions back onto the scans.
         """
-        logits = self.predictor()(torch.as_tensor(batch["image"]))
+        logits = self.make_predictor()(torch.as_tensor(batch["image"]))
         return {"case_id": batch.get("case_id"),
                 "label": logits.argmax(1, keepdim=True).to(torch.uint8)}
-
-    def write_metrics_csv(self, path: Path, rows: list[dict], keys: list[str]) -> None:
-        """One line per case and class: case_id, class, dice[, hd95]."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["case_id", "class", *keys])
-            for row in rows:
-                for c, name in enumerate(self.foreground_names):
-                    writer.writerow([row["case_id"], name, *[row[k][c] for k in keys]])

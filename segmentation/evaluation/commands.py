@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import math
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -20,23 +20,7 @@ from segmentation.data.layout import (
     parse_labels,
     split_file_ending,
 )
-
-
-def dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float:
-    """Dice coefficient of one label value between two label maps.
-
-    Args:
-        prediction: predicted label map, any shape S.
-        reference: reference label map of the same shape S.
-        value: the label value to score.
-
-    Returns:
-        2·|P ∩ R| / (|P| + |R|) for the voxels P and R holding ``value``, in [0, 1]; NaN when
-        the value is absent from both maps.
-    """
-    p, r = prediction == value, reference == value
-    total = p.sum() + r.sum()
-    return float(2 * np.logical_and(p, r).sum() / total) if total else math.nan
+from segmentation.evaluation.metrics import dice, mean_per_class, write_case_table
 
 
 def read_label_names(dataset: str | Path) -> dict[int, str]:
@@ -105,8 +89,8 @@ def evaluate_folder(predictions: str | Path, references: str | Path,
         label_names: label value → name; background (0) is skipped.
 
     Returns:
-        One row per case and foreground class, cases sorted by file name, classes by value:
-        {"case_id": str, "class": str, "dice": float (NaN when the class is in neither map)}.
+        One row per case, cases sorted by file name: {"case_id": str, "dice": one value per
+        foreground class in value order (NaN where the class is in neither map)}.
 
     Raises:
         DatasetError: naming the folder or file: a folder is missing, the references folder
@@ -135,11 +119,14 @@ def evaluate_folder(predictions: str | Path, references: str | Path,
                                                 f"of {reference_path}")
         reference = _voxels(reference_image, reference_path)
         prediction = _voxels(prediction_image, prediction_path)
-        for value, name in sorted(label_names.items()):
-            if value != 0:
-                rows.append({"case_id": case_id, "class": name,
-                             "dice": dice(prediction, reference, value)})
+        rows.append({"case_id": case_id, "dice": [dice(prediction, reference, value)
+                                                  for value in foreground_values(label_names)]})
     return rows
+
+
+def foreground_values(label_names: Mapping[int, str]) -> list[int]:
+    """The label values scored: every value but background (0), in order."""
+    return sorted(value for value in label_names if value != 0)
 
 
 def _load(path: Path) -> nib.spatialimages.SpatialImage:
@@ -164,21 +151,25 @@ def _matrix(affine: np.ndarray) -> str:
     return str(np.round(np.asarray(affine, dtype=float), 4).tolist())
 
 
-def class_means(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
-    """Mean Dice per class over the cases, ignoring NaN (class absent from both maps).
+def csv_problem(path: Path, input_folders: list[Path], *, overwrite: bool) -> str | None:
+    """Why the CSV must not be written to ``path`` (one line naming it), or None.
 
-    Args:
-        rows: rows as returned by :func:`evaluate_folder`, with "class" and "dice" entries.
-
-    Returns:
-        Class name → mean Dice, in first-seen class order; NaN for a class whose every Dice
-        is NaN.
+    An existing file is replaced only with ``overwrite``, and never when it is one of the
+    inputs (a file in the predictions, labels or dataset folder that evaluate reads).
     """
-    by_class: dict[str, list[float]] = {}
-    for row in rows:
-        by_class.setdefault(str(row["class"]), []).append(float(row["dice"]))  # type: ignore[arg-type]
-    return {name: float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
-            for name, values in by_class.items()}
+    if path.is_dir():
+        return f"{path}: is a folder; give --csv a file name"
+    if not path.parent.is_dir():
+        return f"{path}: its folder {path.parent} does not exist"
+    if not path.exists():
+        return None
+    inputs = [f for folder in input_folders if folder.is_dir() for f in folder.iterdir()
+              if f.is_file() and (split_file_ending(f.name) or f.name == DATASET_JSON)]
+    if any(os.path.samefile(path, f) for f in inputs):
+        return f"{path}: is one of the files evaluate reads; choose another --csv"
+    if not overwrite:
+        return f"{path}: exists; pass --overwrite to replace it"
+    return None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -195,13 +186,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
         0 on success; 1 after one ``error: ...`` line on stderr when a folder, dataset.json,
         a prediction or the CSV file is missing or unusable, or no class could be scored.
     """
+    problem = args.csv and csv_problem(Path(args.csv), [Path(args.predictions),
+                                                        Path(args.labels), Path(args.dataset)],
+                                       overwrite=args.overwrite)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         names = read_label_names(args.dataset)
         rows = evaluate_folder(args.predictions, args.labels, names)
     except (DatasetError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    means = class_means(rows)
+    foreground = [names[value] for value in foreground_values(names)]
+    means = mean_per_class(rows, "dice", foreground)
     finite = [v for v in means.values() if not math.isnan(v)]
     if not finite:
         print(f"error: {args.labels}: no foreground class of dataset.json appears in any "
@@ -209,10 +207,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 1
     if args.csv:
         try:
-            with open(args.csv, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["case_id", "class", "dice"])
-                writer.writeheader()
-                writer.writerows(rows)
+            write_case_table(args.csv, rows, foreground, ["dice"])
         except OSError as err:
             print(f"error: {args.csv}: cannot write the CSV file ({err.strerror or err})",
                   file=sys.stderr)
@@ -235,4 +230,5 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of reference CASE.nii.gz (or CASE.nii)")
     parser.add_argument("--dataset", required=True, help="dataset folder (for label names)")
     parser.add_argument("--csv", help="write per-case, per-class Dice to this CSV file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv")
     parser.set_defaults(func=run_evaluate)

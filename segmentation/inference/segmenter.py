@@ -1,0 +1,161 @@
+"""A checkpoint → label files: load → preprocess → predict → invert → write.
+
+Everything about the model comes from the checkpoint (see ``checkpoint.py``): the network, the
+preprocessing fitted at training time, the label names and the patch size. Predictions are
+mapped back onto each scan by inverting the preprocessing (MONAI's invertible Orientation and
+Spacing), so the written mask has the scan's exact shape, affine and orientation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from segmentation.data.layout import Case
+from segmentation.inference.checkpoint import CheckpointError, load_trained_network
+from segmentation.inference.devices import (
+    resolve_device,
+    resolve_precision,
+    stitching_buffer_bytes,
+    stitching_device,
+)
+from segmentation.inference.outputs import output_paths
+from segmentation.inference.predictor import Predictor
+from segmentation.inference.writer import like_reference, save_atomic
+
+
+class Segmenter:
+    """A trained model ready to segment scans (the :class:`Predictor` gives it logits).
+
+    Args:
+        checkpoint: a training checkpoint (it describes itself).
+        overlap: sliding-window overlap ("same" networks); default: as trained.
+        tta: mirror test-time augmentation over all spatial axes.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        batch_size: windows per forward pass; default: as trained.
+        precision: "auto" (bf16 autocast on a GPU that supports it, fp16 on older GPUs, fp32
+            on the CPU), "fp32", "bf16" or "fp16"; logits are stitched in float32 either way.
+        compile: run the network through ``torch.compile`` (static shapes): each new window
+            shape compiles once, later windows of that shape run fused kernels. Worth it for
+            many scans; on the CPU it needs a C++ compiler and is usually slower.
+        note: receives one-line remarks for the user (e.g. "logits stitched on the CPU").
+
+    Raises:
+        ValueError: for a bad setting; CheckpointError (a ValueError) for a checkpoint that
+            cannot be used, naming the file.
+    """
+
+    def __init__(self, checkpoint: str | Path, *, overlap: float | None = None,
+                 tta: bool = False, device: str = "auto", batch_size: int | None = None,
+                 precision: str = "auto", compile: bool = False,
+                 note: Callable[[str], None] | None = None) -> None:
+        if overlap is not None and not 0 <= overlap < 1:
+            raise ValueError(f"--overlap {overlap}: choose a fraction in [0, 1), e.g. 0.5")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"--batch-size {batch_size}: choose 1 or more windows per pass")
+        self.note = note or (lambda message: None)
+        self.device = resolve_device(device)
+        net, record = load_trained_network(checkpoint, map_location="cpu")
+        if record.preprocessing is None or not record.patch_size:
+            raise CheckpointError(f"{checkpoint}: the checkpoint lacks its preprocessing or "
+                                  "patch size; it was not written by `segmentation fit`")
+        self.net = net.to(self.device).eval()
+        if compile and self.device.type == "cpu":
+            self.note("--compile on the CPU is usually slower than without (it pays off on a "
+                      "GPU, where it fuses the norm and activation layers)")
+        self.compile, self.tta = compile, tta
+        self.label_names = dict(record.label_names or {})
+        self.preprocessing = record.preprocessing
+        self.transform = self.preprocessing.transforms(("image",))
+        self.overlap = record.overlap if overlap is None else overlap
+        self.batch_size = batch_size or record.batch_size
+        self.precision = resolve_precision(precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # windows all have one shape: tune once
+        self.patch_size = record.patch_size
+        self.slice_axis = record.slice_axis
+        self.in_channels: int | None = getattr(self.net, "in_channels", None)
+        self.classes: int = getattr(self.net, "out_channels", len(self.label_names))
+        # One predictor serves every scan, so tiles chosen for earlier scans are reused. The
+        # compiled wrapper forwards attribute reads (padding, output_shape, ...) to the net, so
+        # the predictor treats it as the net itself; it is compiled once, here.
+        self.predictor = Predictor(torch.compile(self.net, dynamic=False) if compile else self.net,
+                                   self.patch_size, overlap=self.overlap,
+                                   batch_size=self.batch_size, mirror=self.tta,
+                                   slice_axis=self.slice_axis, out_device=self.device,
+                                   precision=self.precision, fixed_batch=compile)
+
+    def place_stitching(self, voxels: int, channels: int) -> None:
+        """Stitch this scan's logits on the CPU when the GPU would not hold them (with a note).
+
+        Args:
+            voxels: voxels of the preprocessed scan.
+            channels: C, the scan's channels.
+        """
+        needed = stitching_buffer_bytes(voxels, self.classes, channels, self.tta)
+        device, remark = stitching_device(self.device, needed)
+        if remark:
+            self.note(remark)
+        self.predictor.out_device = device
+
+    def probabilities(self, case: Case,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Class probabilities on the scan's own grid.
+
+        Returns:
+            (K, *S) float32 on the CPU, S the spatial shape of the case's first image file.
+        """
+        files = [str(p) for p in case.images]
+        data = self.transform({"image": files if len(files) > 1 else files[0]})
+        image: MetaTensor = data["image"]                                  # (C, *S')
+        if self.in_channels is not None and image.shape[0] != self.in_channels:
+            raise ValueError(f"{case.images[0]}: {image.shape[0]} channel(s), but the model "
+                             f"expects {self.in_channels}")
+        self.place_stitching(int(np.prod(image.shape[1:])), image.shape[0])
+        with torch.inference_mode():
+            logits = self.predictor(image.as_tensor()[None].to(self.device), progress)[0]
+            if not torch.isfinite(logits.sum()):  # NaN and ±inf survive a sum: no (K, *S') mask
+                advice = ("check the scan's intensities and the checkpoint"
+                          if self.precision == "fp32"
+                          else f"they overflowed in {self.precision}: rerun with --precision fp32")
+                raise ValueError(f"{case.images[0]}: the network gave non-finite logits; {advice}")
+            # softmax in place: a CT-sized scan's logits are gigabytes (float32, our own buffer)
+            probabilities = logits.sub_(logits.amax(0, keepdim=True)).exp_()   # (K, *S')
+            probabilities = probabilities.div_(probabilities.sum(0, keepdim=True)).cpu()
+            del logits
+            # Invert orientation and spacing on the probabilities with each transform's own
+            # (linear) interpolation, then take the argmax: smoother, better-placed boundaries
+            # than nearest-neighbour resampling of a label map.
+            inverted = self.transform.inverse({"image": MetaTensor(
+                probabilities, meta=image.meta, applied_operations=image.applied_operations)})
+        return torch.as_tensor(inverted["image"]).float()                 # (K, *S)
+
+    def segment(self, case: Case, output_dir: Path, *, save_probabilities: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> list[Path]:
+        """Segment one case and write its files (see ``outputs.output_paths``).
+
+        Returns:
+            The written paths: ``CASE.nii.gz`` (label map, uint8, uint16 beyond 256 classes)
+            and, with ``save_probabilities``, ``CASE_probabilities.nii.gz`` ((*S, K) float32).
+        """
+        reference = nib.load(str(case.images[0]))
+        probabilities = self.probabilities(case, progress)
+        spatial = tuple(reference.shape[: probabilities.ndim - 1])
+        if tuple(probabilities.shape[1:]) != spatial:
+            raise ValueError(f"{case.images[0]}: the prediction mapped back onto the scan has "
+                             f"shape {tuple(probabilities.shape[1:])}, the scan {spatial}; the "
+                             "preprocessing could not be inverted exactly")
+        labels_path, *probabilities_path = output_paths(case, output_dir, save_probabilities)
+        labels = probabilities.argmax(0).numpy()
+        dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
+        written = [save_atomic(like_reference(labels.astype(dtype), reference), labels_path)]
+        for path in probabilities_path:
+            channels_last = np.moveaxis(probabilities.numpy(), 0, -1).astype(np.float32)
+            written.append(save_atomic(like_reference(channels_last, reference,
+                                                      kind="probabilities"), path))
+        return written
