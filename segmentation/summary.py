@@ -43,17 +43,11 @@ def level_sizes(net: UNet, input_shape: Sequence[int]
 def level_table(net: UNet, input_shape: Sequence[int]) -> Table:
     """A table with one row per level: channels, encoder and decoder sizes, long skip.
 
-    Args:
-        net: the U-Net.
-        input_shape: a valid spatial input shape S.
-
     Returns:
         A rich table with the columns level, channels, encoder output, long skip ("on",
-        "off", "-" for the bottleneck) and decoder output (sizes as in :func:`level_sizes`);
-        for a "same" network whose input is padded, the caption gives the padded shape.
-
-    Raises:
-        InvalidSizeError: (a ValueError) if the shape is not valid for a "valid" network.
+        "off", "-" for the bottleneck) and decoder output (sizes as in :func:`level_sizes`,
+        which raises for an invalid shape); for a "same" network whose input is padded, the
+        caption gives the padded shape.
     """
     encoder, decoder = level_sizes(net, input_shape)
     table = Table(title=f"{type(net).__name__} levels for input {tuple(input_shape)}")
@@ -79,12 +73,14 @@ def run_summary(args: argparse.Namespace) -> int:
     other network: its class name and parameter count.
 
     Args:
-        args: parsed arguments: ``config`` (YAML file), ``input_shape`` (spatial sizes or
-            None for the smallest valid shape ≥ 64 per axis) and ``forward`` (bool).
+        args: parsed arguments: ``config`` (YAML file), ``input_shape`` (spatial sizes),
+            ``output_shape`` (spatial sizes wanted at the output: the input is the smallest
+            valid one that gives at least them) and ``forward`` (bool). Without either shape,
+            the input is the smallest valid shape ≥ 64 per axis.
 
     Returns:
         0 on success; 1 after one ``error: ...`` line on stderr when the config file is
-        missing or names no network, or the input shape is not valid for the network.
+        missing or names no network, or the shape is not valid for the network.
     """
     try:
         net = load_network(args.config)
@@ -98,19 +94,27 @@ def run_summary(args: argparse.Namespace) -> int:
         console.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} "
                       "parameters")
         return 0
+    wanted = args.output_shape
     try:
-        shape = tuple(args.input_shape) if args.input_shape else net.valid_input_shape(
-            [64] * net.spatial_dims)
+        if args.input_shape:
+            shape = tuple(args.input_shape)
+        elif wanted:
+            shape = net.input_shape_for_output(wanted)
+        else:
+            shape = net.valid_input_shape([64] * net.spatial_dims)
         out_shape = net.output_shape(shape)
     except ValueError as err:
-        given = (f"--input-shape {' '.join(map(str, args.input_shape))}: "
-                 if args.input_shape else "")
+        option, sizes = (("--input-shape", args.input_shape) if args.input_shape
+                         else ("--output-shape", wanted))
+        given = f"{option} {' '.join(map(str, sizes))}: " if sizes else ""
         print(f"error: {given}{err}", file=sys.stderr)
         return 1
     console.print(level_table(net, shape))
     console.print(f"parameters: {net.num_parameters():,} "
                   f"(+{net.num_parameters(True) - net.num_parameters(False):,} in deep-supervision "
                   "heads)")
+    if wanted:
+        console.print(f"smallest valid input for an output of at least {tuple(wanted)}: {shape}")
     console.print(f"input {shape} -> output {out_shape}")
     if args.forward:
         net.eval()
@@ -125,10 +129,15 @@ def add_summary_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "summary", help="show a configured network's levels, parameters and shapes",
         description="Show what a network config builds: channels and sizes per level, long "
-                    "skips, parameter count and the output shape for an input shape.")
+                    "skips, parameter count and the output shape for an input shape (or the "
+                    "smallest input for a wanted output shape).")
     parser.add_argument("config", help="network YAML (class_path/init_args) or a training config")
-    parser.add_argument("--input-shape", type=int, nargs="+", metavar="N",
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--input-shape", type=int, nargs="+", metavar="N",
                         help="spatial input shape (default: the smallest valid one ≥ 64)")
+    shapes.add_argument("--output-shape", type=int, nargs="+", metavar="N",
+                        help="wanted spatial output shape: use the smallest valid input whose "
+                             "output is at least this large")
     parser.add_argument("--forward", action="store_true",
                         help="also run one forward pass on random data")
     parser.set_defaults(func=run_summary)

@@ -24,6 +24,7 @@ def test_nnunet_multichannel_dataset_is_read(tmp_path, make_nnunet):
     assert info.labels == {"background": 0, "liver": 1, "tumour": 2}
     assert info.label_names == {0: "background", 1: "liver", 2: "tumour"}
     assert info.foreground_labels == (1, 2)
+    assert info.network_channels() == {"in_channels": 2, "out_channels": 3}
     assert info.file_ending == ".nii.gz"
     assert info.num_training == 3
     assert [c.case_id for c in info.training] == ["case_a", "case_b", "case_c"]

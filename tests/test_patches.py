@@ -8,6 +8,7 @@ from segmentation.data.patches import (
     CLASS_LOCATIONS,
     ClassLocationsd,
     ForegroundOversampledCropd,
+    RandomPatches,
     patch_transforms,
 )
 from segmentation.data.slices import RandomSlices
@@ -65,7 +66,6 @@ def test_slices_take_the_forced_class_from_the_record():
 
 def test_training_patches_pass_the_record_to_the_crop(monkeypatch):
     from segmentation.data import patches
-    from segmentation.data.datamodule import RandomPatches
 
     volumes = [ClassLocationsd()(two_class_volume()) for _ in range(2)]
     searches = []

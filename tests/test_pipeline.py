@@ -354,13 +354,13 @@ def test_ct_channel_count_error_names_the_file():
 
 def test_a_passed_check_and_the_fitted_preprocessing_are_reused_until_a_file_changes(
         synth_copy, tmp_path, monkeypatch):
-    from segmentation.data import datamodule
+    from segmentation.data import datamodule, fitted_preprocessing
 
     checks, fits = [], []
-    real_check, real_fit = datamodule.check_dataset, datamodule.fit_preprocessing
+    real_check, real_fit = datamodule.check_dataset, fitted_preprocessing.fit_preprocessing
     monkeypatch.setattr(datamodule, "check_dataset",
                         lambda root: checks.append(root) or real_check(root))
-    monkeypatch.setattr(datamodule, "fit_preprocessing",
+    monkeypatch.setattr(fitted_preprocessing, "fit_preprocessing",
                         lambda cases, **kw: fits.append(kw) or real_fit(cases, **kw))
 
     def start(**settings) -> SegmentationDataModule:

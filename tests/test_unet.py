@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 
 from segmentation import UNet
 from segmentation.config import build_network, load_network
+from segmentation.summary import add_summary_command
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FEATURES = (4, 8, 16)  # depth 2: small enough for 3D on a CPU
@@ -129,6 +131,35 @@ def test_invalid_size_names_nearest_valid_sizes():
         net(torch.zeros(1, 1, 190, 188))
     assert net.nearest_valid_sizes(190) == (188, 204)
     assert net.valid_input_shape((190, 1)) == (204, 188)  # 188 is the smallest valid size
+
+
+def test_input_shape_for_output_is_the_smallest_input_that_covers_it():
+    net = load_network(CONFIGS / "model" / "unet2d_ronneberger.yaml")
+    assert net.input_shape_for_output((388, 388)) == (572, 572)  # the paper's tile
+    assert net.input_shape_for_output((389, 1)) == (588, 188)    # 572 gives 388 < 389
+    assert net.output_shape((588, 188)) == (404, 4)
+    assert load_network(CONFIGS / "model" / "unet3d_valid.yaml").input_shape_for_output(
+        (44, 44, 28)) == (132, 132, 116)
+    assert small_net(2, "same", True, "plain").input_shape_for_output((37, 23)) == (37, 23)
+    with pytest.raises(ValueError, match="expected a 2D spatial shape"):
+        net.input_shape_for_output((388,))
+
+
+def test_summary_finds_the_input_for_a_wanted_output_shape(capsys):
+    parser = argparse.ArgumentParser()
+    add_summary_command(parser.add_subparsers())
+    config = str(CONFIGS / "model" / "unet2d_ronneberger.yaml")
+    args = parser.parse_args(["summary", config, "--output-shape", "388", "388"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "smallest valid input for an output of at least (388, 388): (572, 572)" in out
+    assert "input (572, 572) -> output (388, 388)" in out
+    args = parser.parse_args(["summary", config, "--output-shape", "388"])
+    assert args.func(args) == 1
+    assert capsys.readouterr().err.startswith("error: --output-shape 388: expected a 2D")
+    with pytest.raises(SystemExit):  # one shape or the other
+        parser.parse_args(["summary", config, "--input-shape", "572", "572",
+                           "--output-shape", "388", "388"])
 
 
 def test_wrong_channels_or_dims_give_clear_errors():

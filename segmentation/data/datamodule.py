@@ -43,10 +43,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_workers: data loader workers.
         cache: "memory" (CacheDataset: fastest; every DDP rank holds a copy), "disk"
             (PersistentDataset: one shared on-disk copy, for DDP and large datasets) or "none".
-        cache_dir: folder for the "disk" cache; its sub-folder is keyed by a hash of the
-            preprocessing, so changing spacing or normalisation never reads a stale cache, and
-            each entry by its files' size and modification time, so a rewritten file is
-            preprocessed again.
+        cache_dir: folder for the "disk" cache, passed checks and fitted preprocessing, each
+            keyed by the files and settings it was computed from, so changed settings or a
+            rewritten file never read a stale result (:mod:`segmentation.data.cache_keys`).
         spacing: "median" (of the training cases), explicit spacing, or null (keep).
         normalization: "ct", "zscore", "minmax" or "none".
         orientation: axis codes scans are reoriented to.
@@ -175,7 +174,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         return Dataset(items, transform)
 
     def cache_key_dir(self) -> Path:
-        """Disk-cache folder of the volumes (see :func:`~segmentation.data.cache_keys.volume_cache_dir`)."""
+        """Disk-cache folder of the volumes, keyed by the dataset and the preprocessing.
+
+        See :func:`~segmentation.data.cache_keys.volume_cache_dir`.
+        """
         return volume_cache_dir(self.root, self.cache_dir, self.preprocessing)
 
     # ------------------------------------------------------------------ loaders
