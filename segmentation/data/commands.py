@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from segmentation.data.check import check_dataset, format_report
 from segmentation.data.splits import SPLITS_JSON
 from segmentation.data.synth import (
     DEFAULT_SHAPE,
+    SYNTHETIC_NAME,
     SynthArgumentError,
     check_arguments,
     generate_dataset,
@@ -75,6 +77,9 @@ def run_synth(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()):
         if not args.force:
             return _error(f"{out} is not empty; use --force to replace the dataset in it")
+        foreign = foreign_dataset(out)
+        if foreign:
+            return _error(foreign)
         for name in SYNTH_OWNED:
             path = out / name
             if path.is_dir():
@@ -91,6 +96,27 @@ def run_synth(args: argparse.Namespace) -> int:
           f"{len(info.test)} test case(s) (imagesTs, labelsTs) of {shape} voxels to {out}")
     print(f"labels: {', '.join(f'{v}={n}' for v, n in info.label_names.items())}")
     return 0
+
+
+def foreign_dataset(out: Path) -> str | None:
+    """Why ``synth --force`` must not replace the dataset in ``out`` (one line), or None.
+
+    ``--force`` replaces only a dataset that ``data synth`` wrote (dataset.json named
+    "synthetic"); a real dataset pointed at by mistake is never deleted.
+    """
+    owned = [out / name for name in SYNTH_OWNED if (out / name).exists()]
+    if not owned:
+        return None
+    meta = out / "dataset.json"
+    try:
+        name = json.loads(meta.read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name == SYNTHETIC_NAME:
+        return None
+    return (f"{out} holds a dataset that data synth did not write ({owned[0].name}; dataset.json "
+            f"is not named {SYNTHETIC_NAME!r}); --force replaces only synthetic datasets, so "
+            "choose an empty or new folder")
 
 
 def _option(argument: str) -> str:

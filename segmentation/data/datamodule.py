@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -23,7 +23,7 @@ from segmentation.data.layout import Case, DatasetInfo, find_case_files, read_da
 from segmentation.data.patches import ClassLocationsd, RandomPatches, patch_transforms
 from segmentation.data.preprocessing import Preprocessing
 from segmentation.data.slices import RandomSlices
-from segmentation.data.splits import fold_cases, load_or_create_splits
+from segmentation.data.splits import ALL_FOLD, check_fold, fold_cases, load_or_create_splits
 
 CACHES = ("memory", "disk", "none")
 
@@ -33,7 +33,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Args:
         root: dataset folder (dataset.json, imagesTr/, labelsTr/, optional imagesTs/).
-        fold: which fold of the k-fold split validates.
+        fold: which fold of the k-fold split validates, or "all": train on every case
+            without validation (nnU-Net's fold "all"; also for datasets too small to split).
         n_folds: folds of the split (written once to ``root/splits.json`` and reused).
         split_seed: seed of the split.
         patch_size: requested training patch size (network input). With a network attached,
@@ -64,7 +65,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str,
-        fold: int = 0,
+        fold: int | Literal["all"] = 0,
         n_folds: int = 5,
         split_seed: int = 0,
         patch_size: Sequence[int] = (64, 64, 64),
@@ -88,6 +89,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         super().__init__()
         if cache not in CACHES:
             raise ValueError(f"cache={cache!r} is not supported; choose one of {', '.join(CACHES)}")
+        check_fold(fold, n_folds)
+        for name, value, least in (("batch_size", batch_size, 1),
+                                   ("patches_per_epoch", patches_per_epoch, 1),
+                                   ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{name}={value!r}: choose a whole number >= {least}")
+        if not 0 <= foreground_fraction <= 1:
+            raise ValueError(f"data.foreground_fraction={foreground_fraction}: choose a share "
+                             "between 0 and 1 (nnU-Net: 0.33)")
         self.root = Path(root)
         self.fold, self.n_folds, self.split_seed = fold, n_folds, split_seed
         self.batch_size, self.patches_per_epoch = batch_size, patches_per_epoch
@@ -117,15 +127,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.check and (marker is None or not marker.exists()):
             report = check_dataset(self.root)
             if not report.ok:
-                problems = "\n".join(f"  {error}" for error in report.errors)
-                raise ValueError(f"dataset {self.root} failed its integrity check "
-                                 f"(segmentation data check {self.root}):\n{problems}")
+                more = len(report.errors) - 1
+                also = (f" (and {more} more problem(s): `segmentation data check {self.root}` "
+                        "lists them)" if more else "")
+                raise ValueError(f"dataset {self.root} failed its integrity check: "
+                                 f"{report.errors[0]}{also}")
             if marker is not None:
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic("passed\n", marker)
-        info = read_dataset(self.root)
-        load_or_create_splits(self.root, [c.case_id for c in info.training], self.n_folds,
-                              self.split_seed)
+        if self.fold != ALL_FOLD:
+            info = read_dataset(self.root)
+            load_or_create_splits(self.root, [c.case_id for c in info.training], self.n_folds,
+                                  self.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the split, fit the preprocessing to the training cases, build the datasets."""
@@ -133,8 +146,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             return
         self.info = read_dataset(self.root)
         by_id = {c.case_id: c for c in self.info.training}
-        splits = load_or_create_splits(self.root, list(by_id), self.n_folds, self.split_seed)
-        train_ids, val_ids = fold_cases(splits, self.fold)
+        if self.fold == ALL_FOLD:
+            train_ids, val_ids = sorted(by_id), []
+        else:
+            splits = load_or_create_splits(self.root, list(by_id), self.n_folds, self.split_seed)
+            train_ids, val_ids = fold_cases(splits, self.fold)
         self.train_cases = [by_id[i] for i in train_ids]
         self.val_cases = [by_id[i] for i in val_ids]
         volume_dims = 3 if self.slice_axis is not None else len(self.input_size)
@@ -223,7 +239,15 @@ class SegmentationDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, collate_fn=collate_volumes)
 
     def test_dataloader(self) -> DataLoader:
-        """The validation fold's volumes (held out from training), as for validation."""
+        """The validation fold's volumes (held out from training), as for validation.
+
+        Raises:
+            ValueError: with fold "all", which holds no case out of training.
+        """
+        if self.fold == ALL_FOLD:
+            raise ValueError(f"data.fold={ALL_FOLD!r} holds no case out of training, so there "
+                             "is nothing to test; test a numbered fold, or segment held-out "
+                             "scans with `segmentation infer` and score them with `evaluate`")
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:

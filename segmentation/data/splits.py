@@ -18,6 +18,7 @@ from segmentation.atomic import write_text_atomic
 from segmentation.data.layout import DatasetError
 
 SPLITS_JSON = "splits.json"
+ALL_FOLD = "all"  # nnU-Net's fold "all": every case trains, none validates
 Split = dict[str, list[str]]
 
 
@@ -41,10 +42,13 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> lis
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"case ids must be distinct; repeated: {', '.join(repeated)}")
     if n_folds < 2:
-        raise ValueError(f"n_folds={n_folds} is not a split; use n_folds >= 2")
+        raise ValueError(f"n_folds={n_folds} is not a split; use n_folds >= 2, or fold "
+                         f"{ALL_FOLD!r} to train on every case without validation")
     if n_folds > len(ids):
+        fix = (f"use n_folds between 2 and {len(ids)}, or" if len(ids) >= 2 else "use")
         raise ValueError(f"n_folds={n_folds} is more than the {len(ids)} case(s) to split; "
-                         f"use n_folds <= {len(ids)}")
+                         f"{fix} fold {ALL_FOLD!r} to train on every case without validation "
+                         "(nnU-Net's fold all)")
     order = np.random.default_rng(seed).permutation(len(ids))
     folds = []
     for chunk in np.array_split(order, n_folds):
@@ -53,15 +57,27 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> lis
     return folds
 
 
+def check_fold(fold: int | str, n_folds: int) -> None:
+    """Refuse a fold that no split of ``n_folds`` folds has (``"all"`` is always fine).
+
+    Raises:
+        ValueError: saying which folds exist.
+    """
+    if fold == ALL_FOLD:
+        return
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise ValueError(f"fold={fold!r} is out of range: the split has {n_folds} folds, "
+                         f"numbered 0 to {n_folds - 1} (or {ALL_FOLD!r}: every case trains, "
+                         "none validates)")
+
+
 def fold_cases(splits: Sequence[Split], fold: int) -> tuple[list[str], list[str]]:
     """The (train, val) case ids of fold ``fold``.
 
     Raises:
         ValueError: if ``fold`` is not in ``0..len(splits)-1``.
     """
-    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < len(splits):
-        raise ValueError(f"fold={fold!r} is out of range: the split has {len(splits)} folds, "
-                         f"numbered 0 to {len(splits) - 1}")
+    check_fold(fold, len(splits))
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 

@@ -28,6 +28,7 @@ LABELS = {"background": 0, "organ": 1, "vessel": 2, "lesion": 3}
 # Mean intensity of each label before bias, noise and scaling.
 INTENSITIES = (0.2, 0.8, 0.55, 0.35)
 BASE_SPACING = {2: (0.8, 1.0), 3: (0.8, 0.8, 2.0)}
+SYNTHETIC_NAME = "synthetic"  # dataset.json name; `synth --force` replaces only such datasets
 DEFAULT_SHAPE = {2: (128, 128), 3: (64, 64, 40)}
 MIN_SIZE = 16
 MIN_VOXELS = 4  # every class must cover at least this many voxels in every case
@@ -103,7 +104,7 @@ def generate_dataset(out: str | Path, cases: int = 32, seed: int = 0,
         _save(case.image, case.affine, out / images / f"{case_id}_0000.nii.gz")
         _save(case.label, case.affine, out / labels / f"{case_id}.nii.gz")
     meta = {
-        "name": "synthetic",
+        "name": SYNTHETIC_NAME,
         "description": "Synthetic MRI-like volumes: an organ, a vessel winding around it and a "
                        "lesion (segmentation.data.synth).",
         "channel_names": {"0": "MRI"},

@@ -20,15 +20,18 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.data.layout import read_dataset
+from segmentation.data.splits import ALL_FOLD
 from segmentation.inference.checkpoint import CheckpointError, network_weights, read_checkpoint
 from segmentation.training.callbacks import LastCheckpoint
 from segmentation.training.module import SegmentationModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint Lightning writes
 
 
 def namespace_to_dict(value: Any) -> Any:
@@ -168,7 +171,14 @@ class SegmentationCLI(LightningCLI):
             if config.ckpt_path == "last":
                 config.ckpt_path = str(last_checkpoint_of_run(Path(config.runs_dir)
                                                               / config.name))
-            self._checkpoint_weights = network_weights(read_checkpoint(config.ckpt_path))
+            checkpoint = read_checkpoint(config.ckpt_path)
+            if LIGHTNING_VERSION_KEY not in checkpoint:
+                raise CheckpointError(f"{config.ckpt_path}: holds a network for inference but "
+                                      "no training state; `segmentation infer` reads it, "
+                                      f"`{self.config.subcommand}` needs a checkpoint written "
+                                      "by `segmentation fit`")
+            self._checkpoint_weights = network_weights(checkpoint)
+            del checkpoint
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -208,11 +218,15 @@ class SegmentationCLI(LightningCLI):
                 CSVLogger(config.runs_dir, name=config.name, version=version),
             ]
         every = config.checkpoint_every_n_steps or None
-        extra = [
-            ModelCheckpoint(monitor="val/dice", mode="max", save_top_k=1,
-                            filename="best-{epoch:03d}", auto_insert_metric_name=False),
-            LastCheckpoint(every_n_train_steps=every),
-        ]
+        validates = config.data.fold != ALL_FOLD
+        if not validates and self.subcommand in ("validate", "test"):
+            raise ValueError(f"data.fold={ALL_FOLD!r} holds no case out of training, so there "
+                             f"is nothing to {self.subcommand}; use a numbered fold")
+        extra = [LastCheckpoint(every_n_train_steps=every)]
+        if validates:  # fold "all" has no validation to pick the best epoch by
+            extra.insert(0, ModelCheckpoint(monitor="val/dice", mode="max", save_top_k=1,
+                                            filename="best-{epoch:03d}",
+                                            auto_insert_metric_name=False))
         if trainer.get("enable_progress_bar") is not False:  # Lightning refuses a bar when off
             extra.append(RichProgressBar())
         if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
@@ -225,6 +239,21 @@ class SegmentationCLI(LightningCLI):
 
 
 def run_lightning(args: Sequence[str] | None) -> int:
-    """Run a LightningCLI subcommand (``args`` None: the command line); returns the exit code."""
-    SegmentationCLI(args=None if args is None else list(args))
+    """Run a LightningCLI subcommand (``args`` None: the command line); returns the exit code.
+
+    Lightning ends an interrupted run itself, after saving what it can: Ctrl-C with
+    ``sys.exit(1)``, SIGTERM with SIGTERMException (exit 0). Both are reported as one line
+    with the conventional codes, 130 and 143, so a script or scheduler can tell them apart
+    from a finished run.
+    """
+    try:
+        SegmentationCLI(args=None if args is None else list(args))
+    except SIGTERMException:
+        print("terminated", file=sys.stderr)
+        return 143
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
     return 0
