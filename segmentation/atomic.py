@@ -18,14 +18,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     The temporary file lies in the same folder (same file system, so the rename is atomic),
     keeps the target's file ending (nibabel chooses the format by it) and gets the permissions
     any new file would get (not mkstemp's owner-only 0600). On any failure it is removed and
-    the error is raised, so ``path`` is either absent, untouched or complete.
-
-    Args:
-        path: the target.
-        write: writes the whole file, given the temporary file's path.
-
-    Returns:
-        ``path``.
+    the error is raised, so ``path`` is either absent, untouched or complete. Returns ``path``.
     """
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
@@ -45,15 +38,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a UTF-8 text file atomically (see :func:`write_atomic`).
-
-    Args:
-        text: the file's contents.
-        path: the target.
-
-    Returns:
-        ``path``.
-    """
+    """Write a UTF-8 text file atomically (see :func:`write_atomic`); returns ``path``."""
     return write_atomic(path, lambda temporary: Path(temporary).write_text(text,
                                                                            encoding="utf-8"))
 

@@ -12,13 +12,7 @@ from torch import nn
 
 
 def build_network(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate a network from ``{"class_path": ..., "init_args": {...}}``.
-
-    Args:
-        spec: the class path of an ``nn.Module`` and its constructor arguments.
-
-    Returns:
-        The network, with freshly initialised weights.
+    """Instantiate a network, freshly initialised, from ``{"class_path": ..., "init_args": {...}}``.
 
     Raises:
         ValueError: if ``spec`` names no class or arguments the class does not take.
@@ -36,14 +30,10 @@ def build_network(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_network(config: str | Path) -> nn.Module:
-    """Instantiate the network a YAML file describes.
+    """Instantiate the network (freshly initialised) a YAML file describes.
 
-    Args:
-        config: a file holding ``class_path``/``init_args`` for an ``nn.Module`` (as in
-            ``configs/model/``), or a training config whose ``model.net`` holds one.
-
-    Returns:
-        The network, with freshly initialised weights.
+    ``config`` holds ``class_path``/``init_args`` for an ``nn.Module`` (as in ``configs/model/``),
+    or is a training config whose ``model.net`` holds one.
 
     Raises:
         ValueError: if the file names no network.

@@ -14,13 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 def plot_learning_curves(metrics_csv: str | Path, out: str | Path) -> Path:
     """Plot training and validation loss and validation Dice per epoch into a PNG.
 
-    Args:
-        metrics_csv: Lightning CSVLogger's ``metrics.csv``.
-        out: PNG file to write.
-
-    Returns:
-        ``out`` as a Path: a PNG with two panels, loss (``train/loss_epoch``, ``val/loss``)
-        and validation Dice (every ``val/dice*`` column) against the epoch.
+    ``metrics_csv`` is Lightning CSVLogger's ``metrics.csv``. The PNG at ``out`` (returned as a
+    Path) has two panels against the epoch: loss (``train/loss_epoch``, ``val/loss``) and
+    validation Dice (every ``val/dice*`` column).
 
     Raises:
         OSError: if the CSV file cannot be read or the PNG file cannot be written.

@@ -19,10 +19,6 @@ def level_sizes(net: UNet, input_shape: Sequence[int]
                 ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """Feature-map sizes of every level for a spatial input shape, as the forward pass has them.
 
-    Args:
-        net: the U-Net.
-        input_shape: a valid spatial input shape S (see :meth:`UNet.check_input_shape`).
-
     Returns:
         (encoder, decoder): ``encoder[l]`` is the spatial size S_l of level l's encoder output,
         l = 0 … depth (the last is the bottleneck); ``decoder[l]`` is T_l, the size of level
@@ -41,13 +37,11 @@ def level_sizes(net: UNet, input_shape: Sequence[int]
 
 
 def level_table(net: UNet, input_shape: Sequence[int]) -> Table:
-    """A table with one row per level: channels, encoder and decoder sizes, long skip.
+    """A rich table with one row per level: channels, encoder output, long skip, decoder output.
 
-    Returns:
-        A rich table with the columns level, channels, encoder output, long skip ("on",
-        "off", "-" for the bottleneck) and decoder output (sizes as in :func:`level_sizes`,
-        which raises for an invalid shape); for a "same" network whose input is padded, the
-        caption gives the padded shape.
+    Long skip is "on", "off" or "-" for the bottleneck; sizes are as in :func:`level_sizes`
+    (which raises for an invalid shape). For a "same" network whose input is padded, the
+    caption gives the padded shape.
     """
     encoder, decoder = level_sizes(net, input_shape)
     table = Table(title=f"{type(net).__name__} levels for input {tuple(input_shape)}")
@@ -70,13 +64,8 @@ def run_summary(args: argparse.Namespace) -> int:
 
     For a :class:`UNet`: the table of :func:`level_table`, the parameter count and the output
     shape, and with ``--forward`` the logits' shape of one forward pass on random data. Any
-    other network: its class name and parameter count.
-
-    Args:
-        args: parsed arguments: ``config`` (YAML file), ``input_shape`` (spatial sizes),
-            ``output_shape`` (spatial sizes wanted at the output: the input is the smallest
-            valid one that gives at least them) and ``forward`` (bool). Without either shape,
-            the input is the smallest valid shape ≥ 64 per axis.
+    other network: its class name and parameter count. Without ``--input-shape`` or
+    ``--output-shape``, the input is the smallest valid shape ≥ 64 per axis.
 
     Returns:
         0 on success; 1 after one ``error: ...`` line on stderr when the config file is

@@ -32,14 +32,9 @@ FITTED_PREPROCESSING_VERSION = 1
 
 
 def files_key(paths: Sequence[str | Path], settings: Mapping[str, Any]) -> str:
-    """A key that changes when any file (path, size, modification time) or setting changes.
+    """A key of 16 hex digits that changes when any file (path, size, mtime) or setting changes.
 
-    Args:
-        paths: the files the cached result was computed from.
-        settings: everything else it depends on (JSON-serialisable).
-
-    Returns:
-        16 hex digits.
+    ``settings`` is everything else the cached result depends on (JSON-serialisable).
     """
     states = []
     for path in sorted(str(p) for p in paths):
@@ -60,12 +55,9 @@ def file_state_hash(item: Mapping[str, Any]) -> bytes:
     MONAI's default key hashes only the item (file names), so an image or label rewritten in
     place would keep being read from the cache; with this key it is preprocessed again.
 
-    Args:
-        item: a :func:`~segmentation.data.items.case_item` dict; its "image" (a path or a list
-            of paths) and "label" files must exist.
-
-    Returns:
-        A hex digest as bytes (what ``PersistentDataset(hash_func=...)`` expects).
+    ``item`` is a :func:`~segmentation.data.items.case_item` dict whose "image" (a path or a list
+    of paths) and "label" files must exist. Returns a hex digest as bytes, as
+    ``PersistentDataset(hash_func=...)`` expects.
     """
     paths = []
     for key in ("image", "label"):
@@ -78,9 +70,8 @@ def file_state_hash(item: Mapping[str, Any]) -> bytes:
 def passed_check_marker(root: Path, cache_dir: Path) -> Path | None:
     """Where a passed check of the dataset's current files is recorded.
 
-    Returns:
-        ``cache_dir/checks/NAME-KEY.passed``, keyed by dataset.json and every case file; None
-        when the dataset cannot be read (the check will name the broken or missing files).
+    ``cache_dir/checks/NAME-KEY.passed``, keyed by dataset.json and every case file; None when
+    the dataset cannot be read (the check will name the broken or missing files).
     """
     try:
         info = read_dataset(root)
@@ -95,9 +86,8 @@ def fitted_preprocessing_path(root: Path, cache_dir: Path, cases: Sequence[Case]
                               settings: Mapping[str, Any]) -> Path:
     """Where the preprocessing fitted to ``cases`` with ``settings`` is stored.
 
-    Returns:
-        ``cache_dir/fingerprints/NAME-KEY.json``, keyed by the cases' files, the settings and
-        ``FITTED_PREPROCESSING_VERSION``.
+    ``cache_dir/fingerprints/NAME-KEY.json``, keyed by the cases' files, the settings and
+    ``FITTED_PREPROCESSING_VERSION``.
     """
     key = files_key(case_files(cases), {**settings, "version": FITTED_PREPROCESSING_VERSION})
     return cache_dir / "fingerprints" / f"{root.name}-{key}.json"

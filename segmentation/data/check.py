@@ -37,7 +37,6 @@ class CheckReport:
     """What :func:`check_dataset` found.
 
     Attributes:
-        root: the dataset folder.
         errors: problems that make the dataset unusable, one message per problem.
         warnings: things that work but may be unintended.
         info: a summary of the dataset.
@@ -71,12 +70,6 @@ def check_dataset(root: str | Path) -> CheckReport:
     has all its channels and its label, that every file decodes, has finite values and positive
     spacing, that labels match their images in shape, spacing and affine and only hold declared
     values, that channels of a case agree with each other, and that test images decode.
-
-    Args:
-        root: the dataset folder.
-
-    Returns:
-        The report; ``report.ok`` is False when there are errors.
     """
     root = Path(root)
     report = CheckReport(root=root)
@@ -92,13 +85,9 @@ def check_dataset(root: str | Path) -> CheckReport:
 def format_report(report: CheckReport) -> str:
     """The report as text, one line per finding.
 
-    Args:
-        report: a report from :func:`check_dataset`.
-
-    Returns:
-        ``info: ...`` lines, then ``warning: ...`` lines, then ``error: ...`` lines, and last
-        ``OK: ...`` or ``FAILED: ...`` with the error and warning counts and the dataset
-        folder; lines are joined by newlines, without a trailing one.
+    ``info: ...`` lines, then ``warning: ...`` lines, then ``error: ...`` lines, and last
+    ``OK: ...`` or ``FAILED: ...`` with the error and warning counts and the dataset folder;
+    lines are joined by newlines, without a trailing one.
     """
     lines = [f"info: {line}" for line in report.info]
     lines += [f"warning: {line}" for line in report.warnings]
@@ -370,14 +359,9 @@ class _Checker:
 
 
 def _raw_pixdim(path: Path, header: nib.spatialimages.SpatialHeader) -> np.ndarray | None:
-    """``pixdim`` as stored in the file, before nibabel repairs it (zeros become 1 on load).
+    """The 8 ``pixdim`` values as stored in the file, before nibabel repairs them (0 → 1).
 
-    Args:
-        path: the NIfTI file.
-        header: its header as loaded (for the header class).
-
-    Returns:
-        The 8 raw pixdim values, or None for a file without a NIfTI header.
+    ``header`` is the file's header as loaded (for its class); a non-NIfTI file gives None.
     """
     if not isinstance(header, nib.Nifti1Header):  # Nifti2Header derives from it
         return None

@@ -58,10 +58,6 @@ def run_synth(args: argparse.Namespace) -> int:
 
     Nothing is created or removed before every argument has been checked.
 
-    Args:
-        args: parsed arguments: ``out``, ``cases``, ``test_cases``, ``seed``, ``shape``,
-            ``dims`` and ``force``.
-
     Returns:
         0 on success; 1 after one ``error: ...`` line on stderr (naming the option, e.g.
         ``--seed``, or the folder).
@@ -138,14 +134,7 @@ def _error(message: str) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """``data check``: print the report; 1 when there are errors.
-
-    Args:
-        args: parsed arguments: ``dataset``, the dataset folder.
-
-    Returns:
-        0 when the dataset has no errors (warnings allowed), else 1.
-    """
+    """``data check``: print the report; exit code 1 when there are errors (warnings allowed)."""
     try:
         report = check_dataset(args.dataset)
     except Exception as error:  # never a traceback for a broken dataset

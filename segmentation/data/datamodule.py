@@ -36,17 +36,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         fold: which fold of the k-fold split validates, or "all": train on every case
             without validation (nnU-Net's fold "all"; also for datasets too small to split).
         n_folds: folds of the split (written once to ``root/splits.json`` and reused).
-        split_seed: seed of the split.
         patch_size: requested training patch size (network input). With a network attached,
             it must be a size the network accepts (its error names the nearest valid ones).
         batch_size: patches per training batch.
         patches_per_epoch: training patches per epoch (nnU-Net: 250 batches).
-        num_workers: data loader workers.
         cache: "memory" (CacheDataset: fastest; every DDP rank holds a copy), "disk"
             (PersistentDataset: one shared on-disk copy, for DDP and large datasets) or "none".
         cache_dir: folder for the "disk" cache, passed checks and fitted preprocessing, each
-            keyed by the files and settings it was computed from, so changed settings or a
-            rewritten file never read a stale result (:mod:`segmentation.data.cache_keys`).
+            keyed so that nothing stale is read (:mod:`segmentation.data.cache_keys`).
         spacing: "median" (of the training cases), explicit spacing, or null (keep).
         normalization: "ct", "zscore", "minmax" or "none".
         orientation: axis codes scans are reoriented to.
@@ -190,10 +187,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return Dataset(items, transform)
 
     def cache_key_dir(self) -> Path:
-        """Disk-cache folder of the volumes, keyed by the dataset and the preprocessing.
-
-        See :func:`~segmentation.data.cache_keys.volume_cache_dir`.
-        """
+        """Disk-cache folder of the volumes (:func:`volume_cache_dir`)."""
         return volume_cache_dir(self.root, self.cache_dir, self.preprocessing)
 
     # ------------------------------------------------------------------ loaders

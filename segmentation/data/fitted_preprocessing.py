@@ -24,8 +24,7 @@ def load_or_fit_preprocessing(root: Path, cache_dir: Path, cases: Sequence[Case]
 
     The fit is stored as ``cache_dir/fingerprints/NAME-KEY.json`` (NAME: the dataset folder's
     name, KEY: :func:`~segmentation.data.cache_keys.fitted_preprocessing_path`), written
-    atomically so that concurrent processes never read half a file; a later call on unchanged
-    files with the same settings reads it instead of fitting again.
+    atomically so that concurrent processes never read half a file.
     """
     settings = {"spatial_dims": spatial_dims, "normalization": normalization,
                 "spacing": spacing, "orientation": orientation,

@@ -65,9 +65,7 @@ class DatasetInfo:
     """A dataset folder, normalised from either convention.
 
     Attributes:
-        root: the dataset folder.
         name: ``name`` from dataset.json, else the folder name.
-        convention: "nnunet" or "msd".
         channel_names: the name of each input channel, index = channel.
         labels: label name → integer value, background included.
         file_ending: ".nii.gz" or ".nii".
@@ -132,17 +130,10 @@ def detect_convention(meta: dict[str, Any]) -> Literal["nnunet", "msd"]:
 
 
 def parse_labels(meta: dict[str, Any], path: Path) -> dict[str, int]:
-    """Label name → value from a dataset.json's ``labels``, in either convention.
+    """Label name → value, background (0) included, from a dataset.json's ``labels``.
 
     nnU-Net maps name → value, MSD value → name. A file holding little more than ``labels``
     is read as MSD when every entry maps to a name (a string).
-
-    Args:
-        meta: the parsed dataset.json.
-        path: the file, for error messages.
-
-    Returns:
-        Name → value, background (0) included.
 
     Raises:
         DatasetError: naming ``path``, when labels are missing or malformed.
@@ -176,9 +167,6 @@ def read_dataset(root: str | Path) -> DatasetInfo:
 
     Only dataset.json is opened; cases are discovered from file names (nnU-Net) or from the
     ``training``/``test`` lists (MSD). Image and label files are not opened or checked.
-
-    Args:
-        root: the dataset folder.
 
     Raises:
         DatasetError: if dataset.json is missing, not valid JSON, lacks required keys or has
@@ -356,22 +344,16 @@ def _sorted_unique(cases: list[Case], path: Path) -> tuple[Case, ...]:
 
 def find_case_files(paths: Sequence[str | Path], n_channels: int | None = None,
                     file_endings: Sequence[str] = FILE_ENDINGS) -> list[Case]:
-    """Group loose image files (e.g. inputs to predict) into cases.
+    """Group loose image files (e.g. inputs to predict) into cases, unlabelled, sorted by id.
 
-    Folders are expanded to the image files they hold (not recursively). Files named
-    ``CASE_0000``, ``CASE_0001``, ... (nnU-Net style) become one case with one image per
-    channel; a file without the ``_NNNN`` suffix is a case of its own (a single-channel image,
-    or a 4D image with the channels on the last axis).
+    Folders among ``paths`` are expanded to the files they hold with one of ``file_endings``
+    (not recursively). Files named ``CASE_0000``, ``CASE_0001``, ... (nnU-Net style) become one
+    case with one image per channel; a file without the ``_NNNN`` suffix is a case of its own
+    (a single-channel image, or a 4D image with the channels on the last axis).
 
-    Args:
-        paths: files and/or folders.
-        n_channels: channels the consumer expects. With 1, every file is a case of its own
-            (``x_0000`` → case ``x``; several ``x_NNNN`` files → cases ``x_NNNN``). With more,
-            every suffixed group must have exactly that many channel files.
-        file_endings: file endings that count as images.
-
-    Returns:
-        The cases, sorted by case id, with ``label=None``.
+    ``n_channels`` are the channels the consumer expects. With 1, every file is a case of its
+    own (``x_0000`` → case ``x``; several ``x_NNNN`` files → cases ``x_NNNN``). With more, every
+    suffixed group must have exactly that many channel files.
 
     Raises:
         DatasetError: for a missing path, a file that is not an image, an empty result,

@@ -167,8 +167,7 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
                 at random; None or empty places the window uniformly.
 
         Returns:
-            The data with ``image`` and ``label`` (C or 1, *input_size) tensors, without
-            ``class_locations``.
+            The data with ``image`` and ``label`` as (C or 1, *input_size) tensors.
         """
         d = dict(data)
         d.pop(CLASS_LOCATIONS, None)
@@ -193,8 +192,7 @@ def intensity_augmentation(spatial_dims: int) -> list[Any]:
     """nnU-Net's intensity augmentation of ``image`` with MONAI's transforms, 2D or 3D.
 
     Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15), gamma (p 0.3). Shared by the 3D
-    patches and the 2D slices (albumentations' float transforms assume intensities in [0, 1]
-    and clip normalised ones, so they only move and flip the slices).
+    patches and the 2D slices (see :func:`~segmentation.data.slices.slice_augmentation`).
     """
     sigma = {"sigma_x": (0.5, 1.0), "sigma_y": (0.5, 1.0)}
     if spatial_dims == 3:
@@ -209,17 +207,10 @@ def intensity_augmentation(spatial_dims: int) -> list[Any]:
 
 def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: Sequence[int], *,
                      foreground_fraction: float = 1 / 3, augment: bool = True) -> Compose:
-    """Preprocessed volume → training patch pair.
+    """Preprocessed volume → training patch pair (see :class:`ForegroundOversampledCropd`).
 
     nnU-Net's augmentation, with MONAI's transforms: rotation and scaling (p 0.2 each), mirroring
-    along every axis, Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15), gamma (p 0.3).
-
-    Args:
-        spatial_dims: 2 or 3.
-        input_size: the network's input patch size.
-        output_size: the network's output size for it (the label patch).
-        foreground_fraction: share of patches forced to show foreground.
-        augment: apply the random augmentation (off gives plain crops).
+    along every axis and :func:`intensity_augmentation`; ``augment=False`` gives plain crops.
 
     Returns:
         A Compose giving ``image`` (C, *input_size) float32 and ``label`` (1, *output_size)
@@ -255,7 +246,6 @@ class RandomPatches(Dataset):
     Args:
         volumes: dataset of preprocessed volumes, with their recorded ``class_locations``.
         transform: the chain of :func:`patch_transforms`.
-        length: patches per epoch.
     """
 
     def __init__(self, volumes: Dataset, transform: Any, length: int) -> None:

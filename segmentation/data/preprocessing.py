@@ -54,9 +54,8 @@ class Preprocessing:
             scans with a zero background, e.g. skull-stripped MRI).
         zscore_nonzero: for "zscore": mean and std over the foreground only, the voxels
             non-zero in any channel, and the background stays 0 (nnU-Net's normalisation
-            within the foreground mask). None (the default) follows ``crop_foreground``.
-            Checkpoints written before this setting existed load with False, the whole-image
-            z-score they were trained with.
+            within the foreground mask). None (the default) follows ``crop_foreground``; see
+            :meth:`from_dict` for older checkpoints.
     """
 
     spatial_dims: int = 3
@@ -110,10 +109,9 @@ class Preprocessing:
                 dtype's range raises ValueError naming the file instead of wrapping around.
 
         Returns:
-            A Compose whose output holds ``image`` (C, *S) float32 and ``label`` (1, *S)
-            MetaTensors in the target orientation and spacing, the label as uint8 (int16 or
-            int32 for larger label values). It is invertible (MONAI ``Invertd``), which
-            inference uses to map predictions back onto the scan.
+            A Compose whose output holds ``image`` (C, *S) float32 and ``label`` (1, *S) of
+            that dtype, MetaTensors in the target orientation and spacing. It is invertible
+            (MONAI ``Invertd``), which inference uses to map predictions back onto the scan.
         """
         keys = list(keys)
         has_label = "label" in keys
@@ -212,21 +210,16 @@ def reader_affine(image: nib.spatialimages.SpatialImage) -> np.ndarray:
 def voxel_spacing(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
     """Voxel spacing along the voxel axes: the column norms of the affine, as MONAI computes it.
 
-    Args:
-        affine: the scan's 4×4 voxel-to-world affine (see :func:`reader_affine`).
-        spatial_dims: 2 or 3 (the upper-left 2×2 block for 2D scans, as MONAI reads them).
+    ``affine`` is 4×4 (see :func:`reader_affine`); a 2D scan uses its upper-left 2×2 block.
     """
     block = np.asarray(affine, dtype=float)[:spatial_dims, :spatial_dims]
     return np.sqrt((block ** 2).sum(0))
 
 
 def oriented_spacing(affine: np.ndarray, zooms: Sequence[float], orientation: str) -> np.ndarray:
-    """Voxel spacing reordered to the axes of ``orientation`` (e.g. "RAS").
+    """Voxel spacing reordered to the axes of ``orientation`` (e.g. "RAS", one per spatial axis).
 
-    Args:
-        affine: the scan's 4×4 voxel-to-world affine.
-        zooms: spacing along the scan's voxel axes.
-        orientation: target axis codes, as many as spatial axes.
+    ``zooms`` is the spacing along the voxel axes of the scan with 4×4 ``affine``.
     """
     dims = len(orientation)
     ornt = nib.orientations.io_orientation(affine[: dims + 1, : dims + 1]
@@ -244,16 +237,11 @@ def fit_preprocessing(cases: Sequence[Case], *, spatial_dims: int, normalization
                       crop_foreground: bool = False, seed: int = 0) -> Preprocessing:
     """Fit preprocessing to training cases (the dataset fingerprint).
 
-    Args:
-        cases: the training cases (validation cases must not leak into the statistics).
-        spatial_dims: 2 or 3.
-        normalization: see :class:`Preprocessing`.
-        spacing: "median" (the median spacing of ``cases``, as nnU-Net, read from the affine
-            that MONAI resamples by: see :func:`reader_affine`), explicit values, or None to
-            keep each scan's spacing.
-        orientation: target axis codes.
-        crop_foreground: see :class:`Preprocessing`.
-        seed: seed for sampling foreground voxels for CT statistics.
+    ``cases`` are the training cases only: validation cases must not leak into the statistics.
+    ``spacing`` is "median" (the median spacing of ``cases``, as nnU-Net, read from the affine
+    that MONAI resamples by: see :func:`reader_affine`), explicit values, or None to keep each
+    scan's spacing; ``seed`` seeds the sampling of foreground voxels for CT statistics. The other
+    arguments are as for :class:`Preprocessing`.
     """
     orientation = orientation[:spatial_dims]
     target: tuple[float, ...] | None

@@ -61,8 +61,6 @@ class RandomSlices(Randomizable, Dataset):
         input_size: 2D network input size.
         output_size: 2D network output size for it.
         length: number of patches per epoch.
-        foreground_fraction: share of patches forced to show foreground.
-        augment: apply the random augmentation.
         seed: initial seed (MONAI's DataLoader replaces it per worker).
     """
 

@@ -29,11 +29,6 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> lis
     ``n_folds`` nearly equal validation sets; each fold trains on the other cases. Lists in the
     result are sorted.
 
-    Args:
-        case_ids: distinct case ids.
-        n_folds: number of folds, at least 2 and at most the number of cases.
-        seed: shuffling seed.
-
     Raises:
         ValueError: for repeated ids, ``n_folds < 2`` or more folds than cases.
     """
@@ -83,13 +78,9 @@ def fold_cases(splits: Sequence[Split], fold: int) -> tuple[list[str], list[str]
 
 def load_or_create_splits(root: str | Path, case_ids: Sequence[str], n_folds: int = 5,
                           seed: int = 0) -> list[Split]:
-    """Reuse ``root/splits.json``, or make a split and write it there.
+    """Reuse ``root/splits.json``, or make a split of the training ``case_ids`` and write it there.
 
-    Args:
-        root: the dataset folder.
-        case_ids: the training case ids of the dataset.
-        n_folds: folds of a new split; an existing file must have this many.
-        seed: seed of a new split (an existing file is reused whatever its seed was).
+    An existing file must have ``n_folds`` folds and is reused whatever its seed was.
 
     Raises:
         DatasetError: naming splits.json if it is malformed, names unknown case ids, misses

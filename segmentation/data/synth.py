@@ -68,24 +68,15 @@ class SynthCase:
 def generate_dataset(out: str | Path, cases: int = 32, seed: int = 0,
                      shape: Sequence[int] | None = None, dims: int = 3,
                      test_cases: int = 4) -> DatasetInfo:
-    """Write a synthetic dataset in the nnU-Net v2 layout.
+    """Write a synthetic dataset in the nnU-Net v2 layout and read it back (:func:`read_dataset`).
 
     Writes ``dataset.json`` (name "synthetic", one "MRI" channel, labels background/organ/
     vessel/lesion), ``imagesTr/synth_000_0000.nii.gz`` and ``labelsTr/synth_000.nii.gz`` for
-    each training case, and ``imagesTs/`` with ``test_cases`` more cases whose labels go to
-    ``labelsTs/`` (not part of the layout; for scoring predictions on held-out cases). Existing
-    files of the same names are overwritten; nothing else in ``out`` is touched.
-
-    Args:
-        out: the dataset folder to write (created if missing).
-        cases: number of training cases.
-        seed: seed; the same seed gives the same arrays.
-        shape: voxel shape of each case; default (64, 64, 40) in 3D, (128, 128) in 2D.
-        dims: 3 for volumes, 2 for 2D images.
-        test_cases: number of extra cases in imagesTs, their labels in labelsTs.
-
-    Returns:
-        The written dataset, as read back by :func:`read_dataset`.
+    each of the ``cases`` training cases, and ``imagesTs/`` with ``test_cases`` more cases whose
+    labels go to ``labelsTs/`` (not part of the layout; for scoring predictions on held-out
+    cases). Existing files of the same names are overwritten; nothing else in ``out`` (created
+    if missing) is touched. ``shape`` is each case's voxel shape, by default (64, 64, 40) for
+    ``dims`` 3 and (128, 128) for 2; the same ``seed`` gives the same arrays.
 
     Raises:
         SynthArgumentError: (a ValueError) naming the argument, for a bad number of cases,
@@ -119,22 +110,13 @@ def generate_dataset(out: str | Path, cases: int = 32, seed: int = 0,
 def synth_case(index: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE[3]) -> SynthCase:
     """Generate case ``index`` of the dataset with seed ``seed`` (2D or 3D from ``shape``).
 
-    The same (index, seed, shape) always gives the same arrays. Even indices get a RAS-like
-    orientation, odd ones an LPS-like one; 2D cases are rotated within the image plane only,
-    so their affine's in-plane voxel spacing equals the spacing written to the header.
-
-    Args:
-        index: the case number, ≥ 0 (``synth_000`` is index 0).
-        seed: the dataset's seed, ≥ 0.
-        shape: voxel shape S, 2 or 3 entries, each ≥ 16.
-
-    Returns:
-        The case: image (S, float32), label (S, uint8, every value of :data:`LABELS` present)
-        and their shared 4×4 affine.
+    The same (index, seed, shape) always gives the same arrays; index 0 is ``synth_000``. Even
+    indices get a RAS-like orientation, odd ones an LPS-like one (2D: rotated in-plane only,
+    see the module). Every value of :data:`LABELS` is present in the label.
 
     Raises:
         SynthArgumentError: (a ValueError) naming the argument, for a negative index or seed
-            or a bad shape.
+            or a bad shape (it needs 2 or 3 entries, each ≥ 16).
     """
     if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
         raise SynthArgumentError("index", index, "must be a non-negative integer")
@@ -162,17 +144,10 @@ def synth_case(index: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE[3
 
 def check_arguments(*, cases: int, test_cases: int, seed: int, shape: Sequence[int] | None,
                     dims: int) -> tuple[int, ...]:
-    """Validate the arguments of :func:`generate_dataset` without writing anything.
+    """Validate the arguments of :func:`generate_dataset`, writing nothing; return the shape.
 
-    Args:
-        cases: number of training cases, ≥ 1.
-        test_cases: number of test cases, ≥ 0.
-        seed: seed, ≥ 0.
-        shape: voxel shape with ``dims`` entries, each ≥ 16, or None for the default.
-        dims: 2 or 3.
-
-    Returns:
-        The shape to use.
+    Accepted: cases ≥ 1, test_cases ≥ 0, seed ≥ 0, dims 2 or 3, and a shape of ``dims`` sizes
+    ≥ 16 or None for the default.
 
     Raises:
         SynthArgumentError: (a ValueError) naming the first bad argument and its value.

@@ -24,16 +24,9 @@ from segmentation.evaluation.metrics import dice, mean_per_class, write_case_tab
 
 
 def read_label_names(dataset: str | Path) -> dict[int, str]:
-    """Label value → name from a dataset folder's dataset.json, background included.
+    """Label value → name, sorted by value, background included, from a folder's dataset.json.
 
-    Both conventions are read: nnU-Net (``labels`` as name → value) and MSD (value → name).
-    A dataset.json holding only ``labels`` is read by the form of its entries.
-
-    Args:
-        dataset: the dataset folder.
-
-    Returns:
-        Label value → name, sorted by value.
+    Either convention is read (see :func:`~segmentation.data.layout.parse_labels`).
 
     Raises:
         DatasetError: naming the folder or dataset.json, when the folder or file is missing,
@@ -49,15 +42,8 @@ def find_prediction(predictions: Path, case_id: str, reference: Path) -> Path:
     """The prediction file of a case, under any supported file ending.
 
     ``segmentation infer`` writes ``CASE.nii.gz`` whatever the ending of the scans, so a
-    ``CASE.nii`` reference is matched by ``CASE.nii.gz`` and vice versa.
-
-    Args:
-        predictions: folder of predicted label maps.
-        case_id: the case identifier (the reference file name without its ending).
-        reference: the reference label file (named in errors).
-
-    Returns:
-        The one existing ``predictions/CASE<ending>`` file.
+    ``CASE.nii`` reference is matched by ``CASE.nii.gz`` and vice versa. ``case_id`` is the
+    ``reference`` file's name without its ending.
 
     Raises:
         DatasetError: naming the reference, when no prediction or more than one (e.g. both
@@ -81,12 +67,8 @@ def evaluate_folder(predictions: str | Path, references: str | Path,
 
     Every reference ``CASE.nii.gz`` or ``CASE.nii`` (hidden files such as ``._CASE.nii.gz``
     are skipped) needs a prediction ``CASE.nii.gz`` or ``CASE.nii`` of the same shape and
-    affine; a missing prediction is an error, not a skipped case.
-
-    Args:
-        predictions: folder of predicted label maps, each of shape S of its reference.
-        references: folder of reference label maps.
-        label_names: label value → name; background (0) is skipped.
+    affine; a missing prediction is an error, not a skipped case. Background (0) in
+    ``label_names`` (value → name) is not scored.
 
     Returns:
         One row per case, cases sorted by file name: {"case_id": str, "dice": one value per
@@ -177,10 +159,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     Prints ``Dice NAME: 0.xxx`` per foreground class, then ``mean Dice: 0.xxx``, the mean over
     the classes with a Dice (classes absent from every reference and prediction are left out).
-
-    Args:
-        args: parsed arguments: ``predictions`` and ``labels`` (folders), ``dataset`` (folder
-            with dataset.json, for label names) and ``csv`` (file path or None).
 
     Returns:
         0 on success; 1 after one ``error: ...`` line on stderr when a folder, dataset.json,

@@ -68,14 +68,8 @@ def mean_per_class(rows: Sequence[Mapping[str, Any]], key: str, names: Sequence[
                    ) -> dict[str, float]:
     """NaN-ignoring mean of ``row[key]`` (one value per class) over cases, by class name.
 
-    Args:
-        rows: per-case rows, each ``{"case_id": ..., key: K − 1 values}``.
-        key: the metric, e.g. "dice".
-        names: the K − 1 class names, in the order of the values.
-
-    Returns:
-        {name: mean over the cases where the value is not NaN}; NaN for a class that is NaN
-        in every case, and {} without rows.
+    ``rows`` are per-case ``{"case_id": ..., key: K − 1 values}``; ``names`` are the K − 1 class
+    names in the order of the values. A class NaN in every case gets NaN; no rows give {}.
     """
     if not rows:
         return {}
@@ -88,16 +82,9 @@ def write_case_table(path: str | Path, rows: Sequence[Mapping[str, Any]], names:
                      keys: Sequence[str]) -> Path:
     """Per-case metrics as CSV, one line per case and class: case_id, class, *keys.
 
-    Written atomically: a reader never sees half a table.
-
-    Args:
-        path: the CSV file.
-        rows: per-case rows, each ``{"case_id": ..., key: one value per class}``.
-        names: the class names, in the order of the values.
-        keys: the metrics to write, e.g. ["dice", "hd95"].
-
-    Returns:
-        ``path``.
+    ``rows`` are per-case ``{"case_id": ..., key: one value per class}``; ``names`` are the class
+    names in the order of the values. Written atomically (a reader never sees half a table);
+    returns ``path``.
     """
     def write(temporary: Path) -> None:
         with open(temporary, "w", newline="") as handle:

@@ -112,14 +112,7 @@ def _list(values: Any) -> list[int] | None:
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                     ) -> dict[str, Any]:
-    """Load a checkpoint file as tensors and plain data (``weights_only=True``).
-
-    Args:
-        path: the checkpoint file.
-        map_location: device for the tensors.
-
-    Returns:
-        The checkpoint dict.
+    """Load a checkpoint file as a dict of tensors and plain data (``weights_only=True``).
 
     Raises:
         CheckpointError: one line naming the file, if it is missing, empty, truncated, not a
@@ -167,12 +160,8 @@ def load_trained_network(path: str | Path, map_location: str | torch.device = "c
                          ) -> tuple[nn.Module, CheckpointRecord]:
     """Rebuild the trained network of a checkpoint, reading the file once.
 
-    Args:
-        path: a checkpoint written by ``segmentation fit``.
-        map_location: device for the weights.
-
-    Returns:
-        The network in eval mode with the trained weights, and the checkpoint's record.
+    Returns the network in eval mode on ``map_location`` with the trained weights, and the
+    checkpoint's record.
 
     Raises:
         CheckpointError: naming the file, if it cannot be read (see :func:`read_checkpoint`),
@@ -198,10 +187,8 @@ def write_network_checkpoint(path: str | Path, net: nn.Module, record: Checkpoin
     """A checkpoint of a network and its record alone, readable by ``segmentation infer``.
 
     Training writes full checkpoints (optimizer, loops) through Lightning; this writes what
-    inference reads, e.g. for a network trained elsewhere or a benchmark. Written atomically.
-
-    Returns:
-        ``path``.
+    inference reads, e.g. for a network trained elsewhere or a benchmark. Written atomically;
+    returns ``path``.
     """
     checkpoint = {"state_dict": {NET_PREFIX + key: value.detach().cpu()
                                  for key, value in net.state_dict().items()},

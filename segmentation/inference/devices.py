@@ -59,14 +59,9 @@ def available_gpu_memory(device: torch.device) -> int:
 def stitching_buffer_bytes(voxels: int, classes: int, channels: int, tta: bool) -> int:
     """Peak bytes of the float32 whole-scan buffers of one scan.
 
-    The logits (softmax runs in place); with TTA the running sum, one pass's logits and their
-    flipped copy; the Gaussian normaliser; the scan and its flipped copy.
-
-    Args:
-        voxels: voxels of the preprocessed scan.
-        classes: K, the network's output channels.
-        channels: C, the scan's channels.
-        tta: mirror test-time augmentation.
+    The logits (softmax runs in place); with ``tta`` the running sum, one pass's logits and
+    their flipped copy; the Gaussian normaliser; the scan and its flipped copy. ``voxels`` and
+    ``channels`` are the preprocessed scan's, ``classes`` the network's output channels.
     """
     return (classes * (3 if tta else 1) + 1 + 2 * channels) * voxels * 4
 
@@ -74,12 +69,8 @@ def stitching_buffer_bytes(voxels: int, classes: int, channels: int, tta: bool) 
 def stitching_device(device: torch.device, needed: int) -> tuple[torch.device, str | None]:
     """The device to stitch on: ``device``, or the CPU when a GPU would not hold the buffers.
 
-    Args:
-        device: the device the network runs on.
-        needed: bytes of the stitching buffers (:func:`stitching_buffer_bytes`).
-
-    Returns:
-        The device, and a one-line remark for the user when the CPU was chosen.
+    ``needed`` is :func:`stitching_buffer_bytes`. Also returns a one-line remark for the user
+    when the CPU was chosen.
     """
     if device.type != "cuda":
         return device, None

@@ -64,14 +64,9 @@ class Predictor:
 
     def __call__(self, image: torch.Tensor,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Logits for whole scans.
+        """(N, K, *S) logits for (N, C, *S) preprocessed scans.
 
-        Args:
-            image: (N, C, *S) preprocessed scans.
-            progress: called with (windows done, windows in all) where the method reports it.
-
-        Returns:
-            (N, K, *S) logits.
+        ``progress`` is called with (windows done, windows in all) where the method reports it.
         """
         with self._autocast(image.device):
             if image.ndim - 2 == len(self.patch_size) + 1:  # 2D network, 3D scan

@@ -38,8 +38,8 @@ class Segmenter:
         tta: mirror test-time augmentation over all spatial axes.
         device: "auto", "cpu", "cuda" or "cuda:N".
         batch_size: windows per forward pass; default: as trained.
-        precision: "auto" (bf16 autocast on a GPU that supports it, fp16 on older GPUs, fp32
-            on the CPU), "fp32", "bf16" or "fp16"; logits are stitched in float32 either way.
+        precision: "auto" (see :func:`resolve_precision`), "fp32", "bf16" or "fp16"; logits
+            are stitched in float32 either way.
         compile: run the network through ``torch.compile`` (static shapes): each new window
             shape compiles once, later windows of that shape run fused kernels. Worth it for
             many scans; on the CPU it needs a C++ compiler and is usually slower.
@@ -93,9 +93,7 @@ class Segmenter:
     def place_stitching(self, voxels: int, channels: int) -> None:
         """Stitch this scan's logits on the CPU when the GPU would not hold them (with a note).
 
-        Args:
-            voxels: voxels of the preprocessed scan.
-            channels: C, the scan's channels.
+        ``voxels`` and ``channels`` are those of the preprocessed scan.
         """
         needed = stitching_buffer_bytes(voxels, self.classes, channels, self.tta)
         device, remark = stitching_device(self.device, needed)
@@ -105,10 +103,9 @@ class Segmenter:
 
     def probabilities(self, case: Case,
                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Class probabilities on the scan's own grid.
+        """(K, *S) float32 class probabilities on the CPU, on the scan's own grid.
 
-        Returns:
-            (K, *S) float32 on the CPU, S the spatial shape of the case's first image file.
+        S is the spatial shape of the case's first image file.
         """
         files = [str(p) for p in case.images]
         data = self.transform({"image": files if len(files) > 1 else files[0]})

@@ -34,12 +34,8 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Start offsets of the windows along one axis (MONAI's ``dense_patch_slices`` rule).
 
     Windows step by ``int(window * (1 - overlap))`` (at least 1); the last one is moved back so
-    it ends at the border.
-
-    Args:
-        size: length of the (padded) axis, at least ``window``.
-        window: window length.
-        overlap: fraction in [0, 1).
+    it ends at the border. ``size`` is the (padded) axis length, at least ``window``;
+    ``overlap`` is a fraction in [0, 1).
     """
     if size == window:
         return [0]
@@ -78,7 +74,7 @@ def sliding_window(
     progress: Callable[[int, int], None] | None = None,
     fixed_batch: bool = False,
 ) -> torch.Tensor:
-    """Gaussian-blended logits for whole scans from a network that keeps its input's size.
+    """Gaussian-blended (N, K, *S) float32 logits for whole scans from a size-keeping network.
 
     Args:
         net: maps (B, C, *window) to (B, K, *window).
@@ -89,9 +85,6 @@ def sliding_window(
         out_device: where the logits are stitched (default: the image's device).
         progress: called with (windows done, windows in all) after every batch.
         fixed_batch: pad a short last batch to ``batch_size`` (see :func:`run_regions`).
-
-    Returns:
-        (N, K, *S) float32 logits on ``out_device``.
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap {overlap}: choose a fraction in [0, 1), e.g. 0.5")

@@ -27,14 +27,9 @@ TILE_DEPENDENT_LAYERS = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn
 
 
 def mirror_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Reflect-pad the spatial axes of ``x``, however large the padding.
+    """Reflect-pad the spatial axes of ``x`` (N, C, *S), however large the padding.
 
-    Args:
-        x: (N, C, *S).
-        pads: (before, after) per spatial axis; may exceed S (reflection repeats).
-
-    Returns:
-        (N, C, *(S + before + after)).
+    ``pads`` are (before, after) per spatial axis and may exceed S (the reflection repeats).
     """
     for axis, (before, after) in enumerate(pads):
         dim = 2 + axis
@@ -97,19 +92,10 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
     networks, where any tile gives the same logits; others keep the training patch.
 
     Every new tile shape costs a cuDNN autotuning (and with ``torch.compile`` a compilation),
-    so a tile already ``in_use`` for earlier scans is kept when it reads at most
-    ``reuse_within`` (a fraction) more voxels than this scan's cheapest tile.
-
-    Args:
-        net: a valid-padding network with ``output_shape`` and ``nearest_valid_sizes``.
-        patch_size: the training patch (a valid input tile).
-        scan_shape: spatial shape of the scan.
-        max_scale: largest input tile, in training patches (voxel count); 1 keeps the patch.
-        in_use: tiles chosen for earlier scans (valid, within the same ``max_scale``).
-        reuse_within: how much more reading (fraction of the cheapest) a tile in use may cost.
-
-    Returns:
-        A valid input tile, at least the training patch on every axis.
+    so a tile already ``in_use`` for earlier scans (valid, within the same ``max_scale``) is
+    kept when it reads at most ``reuse_within`` (a fraction) more voxels than this scan's
+    cheapest tile. ``net`` needs ``output_shape`` and ``nearest_valid_sizes``; ``patch_size``
+    must be a valid tile.
     """
     patch = tuple(int(p) for p in patch_size)
     if max_scale <= 1 or not tile_independent(net):
@@ -177,22 +163,12 @@ def overlap_tile(
     progress: Callable[[int, int], None] | None = None,
     fixed_batch: bool = False,
 ) -> torch.Tensor:
-    """Logits for a whole scan from a network that shrinks its input.
+    """(N, K, *S) logits for a whole scan from a network that shrinks its input.
 
-    Args:
-        net: maps (B, C, *input_size) to (B, K, *output_size).
-        image: (N, C, *S), any S (smaller than one tile too).
-        input_size: the network's (valid) input tile size.
-        output_size: the network's output size for ``input_size``.
-        depth: number of 2× downsamplings in the network.
-        batch_size: tiles per forward pass.
-        out_device: where the stitched logits live (default: the image's device); "cpu" keeps
-            a large scan's logits off the GPU.
-        progress: called with (tiles done, tiles in all) after every batch.
-        fixed_batch: pad a short last batch to ``batch_size`` (see :func:`run_regions`).
-
-    Returns:
-        (N, K, *S) logits.
+    ``net`` maps (B, C, *input_size) to (B, K, *output_size), ``input_size`` being a valid tile;
+    ``image`` is (N, C, *S), any S (smaller than one tile too); ``depth`` is the network's number
+    of 2× downsamplings. The other arguments are as for
+    :func:`~segmentation.inference.sliding_window.sliding_window`, counting tiles for windows.
     """
     spatial = tuple(image.shape[2:])
     margins = [(i - o) // 2 for i, o in zip(input_size, output_size, strict=True)]

@@ -16,16 +16,14 @@ def like_reference(data: np.ndarray, reference: nib.Nifti1Image, *,
 
     Only the geometry (and the spatial unit) is the reference's: its display range, intent,
     description and time unit belong to its intensities, and copied onto a label map they would
-    make viewers show labels 1, 2, 3 as near black or read the class axis as time.
+    make viewers show labels 1, 2, 3 as near black or read the class axis as time. Values are
+    never rescaled (slope 1, intercept 0).
 
     Args:
         data: (*S) label map or (*S, K) class probabilities, S the reference's spatial shape
             (its first three axes, or two for a 2D scan).
         reference: the scan the data belongs to.
         kind: "labels" (NIfTI intent "label") or "probabilities" (classes on the last axis).
-
-    Returns:
-        The image, ready to save; values are never rescaled (slope 1, intercept 0).
 
     Raises:
         ValueError: if ``data``'s leading axes are not the reference's spatial shape.
@@ -54,13 +52,5 @@ def like_reference(data: np.ndarray, reference: nib.Nifti1Image, *,
 
 
 def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
-    """Save a NIfTI image to ``path`` atomically, readable as any new file would be.
-
-    Args:
-        image: the image to write.
-        path: the target (.nii or .nii.gz); replaced only once the new file is complete.
-
-    Returns:
-        ``path``.
-    """
+    """Save a NIfTI image to ``path`` (.nii or .nii.gz) atomically; see :func:`write_atomic`."""
     return write_atomic(path, lambda temporary: nib.save(image, temporary))

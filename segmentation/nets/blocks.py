@@ -21,17 +21,9 @@ class ConvUnit(nn.Sequential):
     ``output_size`` leaves the halving of a strided unit to the encoder, which accounts for
     every downsampling in one place.
 
-    Args:
-        spatial_dims: 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels.
-        kernel_size: odd kernel size.
-        padding: "same" (zero padding of kernel_size // 2) or "valid" (none).
-        norm: normalisation by name (see :func:`layers.norm`).
-        act: activation by name (see :func:`layers.act`).
-        dropout: dropout probability after the activation (0: none).
-        bias: convolution bias.
-        stride: convolution stride (2 downsamples, "same" mode only).
+    ``kernel_size`` is odd; ``padding`` is "same" (zero padding of kernel_size // 2) or "valid"
+    (none); ``norm`` and ``act`` are names (see :func:`layers.norm`, :func:`layers.act`);
+    ``dropout`` is the probability after the activation (0: none).
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, *, kernel_size: int = 3,
@@ -58,15 +50,7 @@ class PlainBlock(nn.Sequential):
     """``num_convs`` ConvUnits; the first maps ``in_ch`` to ``out_ch`` (with ``stride``).
 
     Shapes: (N, in_ch, *S) → (N, out_ch, *S') with S' = S − num_convs·(k − 1) in "valid" mode.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels of every unit.
-        num_convs: number of ConvUnits (≥ 1).
-        stride: stride of the first unit.
-        unit_kwargs: kernel_size, padding, norm, act, dropout, bias of every
-            :class:`ConvUnit`.
+    ``unit_kwargs`` (kernel_size, padding, norm, act, dropout, bias) go to every :class:`ConvUnit`.
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, num_convs: int, *,
@@ -91,17 +75,14 @@ class ResidualBlock(nn.Module):
 
     ``out = conv(act(norm(conv(act(norm(x)))))) + shortcut(x)``. The shortcut is the identity
     when channels and stride stay the same, and a 1×1 convolution (with the block's stride) +
-    norm projection when either changes. In "valid" mode the branch loses 2·(k − 1) voxels per
-    axis and the shortcut is center-cropped to match, so the sum adds voxels from the same place.
+    norm projection when either changes. In "valid" mode the shortcut is center-cropped to the
+    branch's output, so the sum adds voxels from the same place.
 
     Shapes: (N, in_ch, *S) → (N, out_ch, *S') with S' = S / stride (same) or S − 2·(k − 1)
     (valid, stride 1). As for ConvUnit, ``output_size`` leaves the halving to the encoder.
 
-    Args:
-        spatial_dims, in_ch, out_ch, kernel_size, padding, norm, act, bias: as for
-            :class:`ConvUnit`.
-        dropout: dropout probability before the second convolution (0: none).
-        stride: stride of the first convolution and of the projection shortcut.
+    Arguments as for :class:`ConvUnit`, except that ``dropout`` acts before the second
+    convolution and ``stride`` applies to the first convolution and the projection shortcut.
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, *, kernel_size: int = 3,
@@ -144,17 +125,10 @@ class ResidualBlock(nn.Module):
 class ResidualStage(nn.Sequential):
     """``num_blocks`` residual blocks, optionally after a plain stem convolution.
 
-    The first encoder level starts with a stem (a ConvUnit from the image channels), as
-    pre-activation networks do, so the first residual block never normalises raw intensities.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels of every block.
-        num_blocks: number of :class:`ResidualBlock` (≥ 1).
-        stem: start with a plain :class:`ConvUnit` from ``in_ch`` to ``out_ch``.
-        stride: stride of the first residual block.
-        block_kwargs: kernel_size, padding, norm, act, dropout, bias of every block.
+    The first encoder level starts with a ``stem`` (a :class:`ConvUnit` from ``in_ch`` to
+    ``out_ch``), as pre-activation networks do, so the first residual block never normalises raw
+    intensities. ``stride`` is the first residual block's; ``block_kwargs`` (kernel_size,
+    padding, norm, act, dropout, bias) go to the stem and every block.
     """
 
     def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, num_blocks: int, *,

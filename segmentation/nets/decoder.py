@@ -21,12 +21,9 @@ class Decoder(nn.Module):
     plain block. A level without its skip really has no skip input: its first convolution takes
     ``C_l`` channels instead of ``2·C_l``.
 
-    Args:
-        encoder: the encoder whose levels feed this decoder.
-        long_skips: one flag per encoder level except the bottleneck, top first.
-        convs_per_level: convolutions per decoder level.
-        upsample: "transpose" or "interpolate".
-        unit_kwargs: kernel_size, padding, norm, act, dropout, bias for every convolution.
+    ``long_skips`` has one flag per encoder level except the bottleneck, top first;
+    ``convs_per_level`` is one count for every level; ``upsample`` and ``unit_kwargs`` are as
+    for :class:`~segmentation.nets.unet.UNet` and :class:`Encoder`.
     """
 
     def __init__(self, encoder: Encoder, long_skips: Sequence[bool], *, convs_per_level: int,
@@ -46,14 +43,10 @@ class Decoder(nn.Module):
             for level in range(len(channels) - 1))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Decode encoder features.
+        """Decode the encoder's ``[(N, C_0, *S_0), ..., (N, C_d, *S_d)]``.
 
-        Args:
-            features: the encoder's output, ``[(N, C_0, *S_0), ..., (N, C_d, *S_d)]``.
-
-        Returns:
-            The output of every decoder level, top first: ``[(N, C_0, *T_0), ...,
-            (N, C_{d-1}, *T_{d-1})]``; ``T_l = S_l`` in "same" mode.
+        Returns the output of every decoder level, top first: ``[(N, C_0, *T_0), ...,
+        (N, C_{d-1}, *T_{d-1})]``; ``T_l = S_l`` in "same" mode.
         """
         x = features[-1]                                          # bottleneck (N, C_d, *S_d)
         outputs = []
@@ -69,8 +62,7 @@ class Decoder(nn.Module):
     def output_sizes(self, encoder_sizes: Sequence[int]) -> list[int]:
         """Size of every decoder level's output along one axis, top first.
 
-        Args:
-            encoder_sizes: :meth:`Encoder.output_sizes` for the same input.
+        ``encoder_sizes`` is :meth:`Encoder.output_sizes` for the same input.
 
         Raises:
             InvalidSizeError: if a skip map cannot be center-cropped to the upsampled size.

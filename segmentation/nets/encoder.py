@@ -24,15 +24,9 @@ class Encoder(nn.Module):
     A strided unpadded 3×3 convolution would shift the grid by half a voxel, so center crops could
     not align: "conv" requires "same" padding.
 
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: image channels.
-        features: channels per level, top first (depth = len(features) − 1).
-        block: "plain" (``convs_per_level`` ConvUnits) or "residual" (pre-activation blocks).
-        convs_per_level: convolutions per level of a plain encoder.
-        blocks_per_level: residual blocks per level of a residual encoder.
-        downsample: "maxpool" or "conv".
-        unit_kwargs: kernel_size, padding, norm, act, dropout, bias for every convolution.
+    Arguments as for :class:`~segmentation.nets.unet.UNet` (``block`` is its ``encoder_block``),
+    with one ``convs_per_level`` and ``blocks_per_level`` entry per level; ``unit_kwargs``
+    (kernel_size, padding, norm, act, dropout, bias) go to every convolution.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, features: Sequence[int], *,
@@ -62,14 +56,10 @@ class Encoder(nn.Module):
             previous = width
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Encode an image.
+        """Encode (N, in_channels, *S) into one feature map per level, top first.
 
-        Args:
-            x: (N, in_channels, *S).
-
-        Returns:
-            One feature map per level, top first: ``[(N, C_0, *S_0), ..., (N, C_d, *S_d)]``;
-            the last is the bottleneck, the others are the long-skip sources.
+        ``[(N, C_0, *S_0), ..., (N, C_d, *S_d)]``: the last is the bottleneck, the others are
+        the long-skip sources.
         """
         features = []
         for level, stage in enumerate(self.levels):

@@ -38,14 +38,7 @@ def conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, *, paddin
          stride: int = 1, bias: bool = True) -> nn.Module:
     """A ``spatial_dims``-D convolution, (N, in_ch, *S) → (N, out_ch, *S').
 
-    Args:
-        spatial_dims: 1, 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels.
-        kernel_size: kernel size along every axis.
-        padding: zero padding on each side.
-        stride: stride along every axis.
-        bias: learn a bias per output channel.
+    ``kernel_size``, ``stride`` and ``padding`` (zeros, on each side) apply along every axis.
     """
     conv_type = Conv[Conv.CONV, spatial_dims]
     return conv_type(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=bias)
@@ -55,12 +48,6 @@ def transposed_conv(spatial_dims: int, in_ch: int, out_ch: int, *, bias: bool = 
     """A 2× up-convolution (kernel 2, stride 2) as in the original U-Net.
 
     Shapes: (N, in_ch, *S) → (N, out_ch, *2S).
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels.
-        bias: learn a bias per output channel.
     """
     conv_type = Conv[Conv.CONVTRANS, spatial_dims]
     return conv_type(in_ch, out_ch, kernel_size=2, stride=2, bias=bias)
@@ -69,12 +56,8 @@ def transposed_conv(spatial_dims: int, in_ch: int, out_ch: int, *, bias: bool = 
 def norm(name: str | None, spatial_dims: int, channels: int) -> nn.Module:
     """Normalisation layer by name; ``"none"``/``None`` gives an identity.
 
-    Group norm uses up to 8 groups, the largest count that divides ``channels``.
-
-    Args:
-        name: "instance", "batch", "group" or "none"/None (any case).
-        spatial_dims: 2 or 3 (picks the 2D or 3D instance or batch norm).
-        channels: channels of the (N, channels, *S) input.
+    ``name`` is "instance", "batch", "group" or "none" (any case), for an (N, channels, *S)
+    input. Group norm uses up to 8 groups, the largest count that divides ``channels``.
 
     Raises:
         ValueError: for another name, listing the accepted ones.
@@ -116,14 +99,7 @@ def upsample(name: str, spatial_dims: int, in_ch: int, out_ch: int, *, bias: boo
     followed by a 1×1 convolution. Nearest (not linear) interpolation keeps every output voxel a
     function of one input voxel, so tiled inference stays identical to a whole-image pass.
 
-    Shapes: (N, in_ch, *S) → (N, out_ch, *2S).
-
-    Args:
-        name: "transpose" or "interpolate" (any case).
-        spatial_dims: 2 or 3.
-        in_ch: input channels.
-        out_ch: output channels.
-        bias: learn a bias per output channel.
+    Shapes: (N, in_ch, *S) → (N, out_ch, *2S). ``name`` is matched in any case.
 
     Raises:
         ValueError: for another name, listing the accepted ones.

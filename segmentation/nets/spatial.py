@@ -1,8 +1,8 @@
 """Symmetric crops and pads of the trailing spatial axes, and the error for impossible sizes.
 
-The network ("valid" skips and residual shortcuts, "same" inputs padded to a multiple of
-2**depth), the training crops and the tiled predictions all cut or pad the spatial axes, which
-are the trailing axes of a (N, C, *S) batch or a (C, *S) volume. These are the shared helpers.
+Shared by the network ("valid" skips and residual shortcuts, "same" inputs padded to a multiple
+of 2**depth), the training crops and the tiled predictions: spatial axes are the trailing axes
+of a (N, C, *S) batch or a (C, *S) volume.
 """
 
 from __future__ import annotations
@@ -24,13 +24,7 @@ class InvalidSizeError(ValueError):
 def center_crop(x: Array, size: Sequence[int]) -> Array:
     """Crop the trailing ``len(size)`` axes of ``x`` to ``size`` around the centre.
 
-    Args:
-        x: (*B, *S) torch tensor or numpy array, S the last ``len(size)`` axes.
-        size: target size, each entry ≤ the matching entry of S, with an even difference so
-            the crop is symmetric.
-
-    Returns:
-        (*B, *size) view of ``x``, of the same type.
+    ``x`` is a torch tensor or numpy array; the result is a (*B, *size) view of it.
 
     Raises:
         InvalidSizeError: if an axis is smaller than its target or differs by an odd amount.
@@ -50,16 +44,9 @@ def pad_spatial(x: torch.Tensor, pads: Sequence[tuple[int, int]],
                 mode: str = "constant") -> torch.Tensor:
     """Pad the trailing ``len(pads)`` axes of ``x``, given in natural axis order.
 
-    ``F.pad`` lists the last axis first; this takes (before, after) per axis, first axis
-    first, and hands them over reversed.
-
-    Args:
-        x: (*B, *S) tensor, S the last ``len(pads)`` axes.
-        pads: (before, after) per axis of S.
-        mode: ``F.pad``'s mode: "constant" (zeros), "reflect", "replicate" or "circular".
-
-    Returns:
-        (*B, *(S + before + after)); ``x`` itself when nothing is padded.
+    ``pads`` holds (before, after) per axis, first axis first (``F.pad`` lists the last axis
+    first); ``mode`` is ``F.pad``'s: "constant" (zeros), "reflect", "replicate" or "circular".
+    Returns ``x`` itself when nothing is padded.
     """
     flat = [p for pair in reversed(pads) for p in pair]
     if not any(flat):

@@ -60,7 +60,6 @@ class UNet(nn.Module):
         norm: "instance", "batch", "group" or "none"/None.
         act: "relu", "leakyrelu" or "gelu".
         dropout: dropout probability after each activation (0 disables it).
-        bias: convolution biases on/off.
         kernel_size: odd kernel size of the main convolutions.
         deep_supervision: return auxiliary outputs of the lower decoder levels while training.
             The auxiliary 1×1 heads always exist, so checkpoints load either way; without deep
@@ -152,8 +151,7 @@ class UNet(nn.Module):
     def _init_weights(self, act: str) -> None:
         """He (Kaiming) normal initialisation of every convolution, zero biases.
 
-        Args:
-            act: the activation's checked (lower-case) name; "leakyrelu" sets the slope.
+        ``act`` is the activation's checked (lower-case) name; "leakyrelu" sets the slope.
         """
         slope = layers.LEAKY_SLOPE if act == "leakyrelu" else 0.0
         for module in self.modules():
@@ -168,9 +166,8 @@ class UNet(nn.Module):
 
         Args:
             include_aux_heads: count the deep-supervision heads too; by default only when deep
-                supervision is enabled. The heads always exist (so checkpoints load either way)
-                but take no part in the output otherwise, so the default count is the size of
-                the network that produces the segmentation, the figure papers report.
+                supervision is enabled, so that the count is the size of the network that
+                produces the segmentation, the figure papers report.
         """
         if include_aux_heads is None:
             include_aux_heads = self.deep_supervision
@@ -194,14 +191,8 @@ class UNet(nn.Module):
     def nearest_valid_sizes(self, n: int) -> tuple[int | None, int | None]:
         """The largest valid size ≤ ``n`` and the smallest ≥ ``n`` along one axis.
 
-        In "same" mode every positive size is valid.
-
-        Args:
-            n: a size along one axis.
-
-        Returns:
-            (largest valid size ≤ n, smallest valid size ≥ n); ``None`` for a side where no
-            valid size exists (within 4096 of ``n``).
+        In "same" mode every positive size is valid. A side is ``None`` where no valid size
+        exists within 4096 of ``n``.
         """
         if self.padding == "same":
             return (n, n) if n >= 1 else (None, 1)
@@ -292,12 +283,6 @@ class UNet(nn.Module):
 
         A "same" network zero-pads its input to a multiple of 2**depth along every axis (and
         crops the output back); a "valid" network takes the input as it is.
-
-        Args:
-            input_shape: spatial input shape S.
-
-        Returns:
-            P: S rounded up to a multiple of 2**depth per axis ("same"), else S.
         """
         if self.padding != "same":
             return tuple(int(n) for n in input_shape)

@@ -12,11 +12,11 @@ class LastCheckpoint(ModelCheckpoint):
     A ModelCheckpoint that keeps no top-k checkpoints only writes "last" after a top-k save,
     that is, at the end of training; a run killed before then would leave nothing to resume
     from. This one writes last.ckpt at every training-epoch end (whatever the validation
-    schedule) unless it was already written at that global step, and with
-    ``every_n_train_steps`` also every N steps, so a killed run loses at most N − 1 steps.
+    schedule) unless it was already written at that global step.
 
     Args:
-        every_n_train_steps: also save every this many steps; None saves at epoch ends only.
+        every_n_train_steps: also save every this many steps, so a killed run loses at most
+            N − 1 steps; None saves at epoch ends only.
     """
 
     def __init__(self, every_n_train_steps: int | None = None) -> None:

@@ -51,10 +51,8 @@ def channels_from_dataset(config: Namespace) -> None:
     holds a readable dataset and the network takes these arguments, they are taken from it
     (a changed value is reported on stderr) and the checkpoint's network description follows.
     Without a readable dataset (e.g. ``--print_config`` before the data exists) the configured
-    values stay; the model refuses a mismatch once the data is there.
-
-    Args:
-        config: the parsed config of the subcommand (changed in place).
+    values stay; the model refuses a mismatch once the data is there. ``config`` (the
+    subcommand's parsed config) is changed in place.
     """
     try:
         info = read_dataset(config.data.root)
@@ -107,11 +105,7 @@ def check_weights_fit(path: str | Path, weights: dict[str, Any], net: nn.Module)
     """Refuse the weights of a ``--ckpt_path`` written for another network.
 
     Lightning would find out only after the run folder exists, and with a long traceback.
-
-    Args:
-        path: the checkpoint (named in the error).
-        weights: its network weights (see ``inference.checkpoint.network_weights``).
-        net: the configured network.
+    ``weights`` are the checkpoint's network weights (see ``network_weights``).
 
     Raises:
         CheckpointError: one line naming the file and the first mismatch.
@@ -200,9 +194,8 @@ class SegmentationCLI(LightningCLI):
         here rather than written into the config, so a run's saved config.yaml can be reused
         as it is and still gets a fresh folder. Added callbacks: checkpoints (best by val/dice,
         and last), a rich progress bar (unless ``--trainer.enable_progress_bar false``) and,
-        when there is a logger (not with
-        ``--trainer.logger false``), learning-rate logging; a callback type the config already
-        names is not added twice.
+        when there is a logger (not with ``--trainer.logger false``), learning-rate logging; a
+        callback type the config already names is not added twice.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path"):  # before any run folder exists

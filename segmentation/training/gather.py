@@ -10,14 +10,11 @@ def gather_cases(rows: list[dict]) -> list[dict]:
 
     A DistributedSampler pads the last batches with repeated cases so every process gets the
     same number; averaging those would weight some cases twice. Rows are therefore gathered as
-    objects and deduplicated by ``case_id``. Under DDP every process must call this (it is a
-    collective); in a single process it only sorts and deduplicates.
+    objects and deduplicated by ``case_id`` (the last seen wins). Under DDP every process must
+    call this (it is a collective); in a single process it only sorts and deduplicates.
 
     Args:
         rows: this process's rows, each a dict with a ``case_id`` and per-class values.
-
-    Returns:
-        The rows of all processes, one per ``case_id`` (the last seen wins), sorted by it.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]

@@ -14,17 +14,11 @@ def default_loss() -> nn.Module:
 
 
 def deep_supervision_weights(outputs: int) -> list[float]:
-    """nnU-Net's deep-supervision weights for ``outputs`` outputs, full resolution first.
+    """nnU-Net's deep-supervision weights for ``outputs`` outputs (main included), finest first.
 
     Output ``l`` (``2**l`` times coarser than the main output) gets ``1 / 2**l``, the
     lowest-resolution output gets 0, and the weights are normalised to sum to 1; for 5 outputs:
     8/15, 4/15, 2/15, 1/15, 0. A single output gets weight 1.
-
-    Args:
-        outputs: number of outputs, the main one included.
-
-    Returns:
-        ``outputs`` weights summing to 1.
 
     Raises:
         ValueError: if ``outputs`` is less than 1.
@@ -91,14 +85,13 @@ def deep_supervision_pair(output: torch.Tensor, label: torch.Tensor, level: int
 class SegmentationLoss(nn.Module):
     """A loss on logits, applied to every deep-supervision output with nnU-Net's weights.
 
-    With deep supervision, output ``l`` is weighted ``1 / 2**l``, the lowest-resolution one 0,
-    normalised to sum 1 (:func:`deep_supervision_weights`), and each auxiliary output is paired
-    with an exact downsampling of the label on its own grid (:func:`deep_supervision_pair`),
-    which holds for "valid" networks, whose lower levels see more than the output, and for
-    patches that are not a multiple of ``2**depth``; MONAI's DeepSupervisionLoss resizes the
-    whole label onto each output instead, which misaligns both. An output of weight 0 is not
-    compared with the label but still gets a zero gradient, so every parameter takes part in
-    each step, as DDP requires. The wrapped loss always receives integer (long) labels.
+    Weights come from :func:`deep_supervision_weights`; each auxiliary output is paired with an
+    exact downsampling of the label on its own grid (:func:`deep_supervision_pair`), which holds
+    for "valid" networks, whose lower levels see more than the output, and for patches that are
+    not a multiple of ``2**depth``; MONAI's DeepSupervisionLoss resizes the whole label onto each
+    output instead, which misaligns both. An output of weight 0 is not compared with the label
+    but still gets a zero gradient (see :meth:`forward`). The wrapped loss always receives
+    integer (long) labels.
 
     Args:
         loss: loss on (B, K, *S) logits and (B, 1, *S) integer labels.
@@ -111,15 +104,12 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], label: torch.Tensor
                 ) -> torch.Tensor:
-        """Weighted loss of the main logits and any deep-supervision outputs.
+        """Weighted scalar loss of the main logits and any deep-supervision outputs.
 
         Args:
             outputs: (B, K, *S) logits, or with deep supervision ``[(B, K, *S), (B, K, *T_1),
                 …, (B, K, *T_{d−1})]``: the main logits, then decoder level ``l`` = 1 … d − 1.
             label: (B, 1, *S) integer label of the main output.
-
-        Returns:
-            The scalar loss.
         """
         label = label.long()
         if isinstance(outputs, torch.Tensor):

@@ -137,17 +137,10 @@ class SegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One step on a batch of patches.
+        """One step on a batch of patches, image (B, C, *in) and label (B, 1, *out).
 
         A non-finite loss on any process is handled on all of them together (see
-        :class:`NonFiniteLossPolicy`), so no process is left waiting in a gradient all-reduce.
-
-        Args:
-            batch: image (B, C, *in) and label (B, 1, *out).
-            batch_idx: index of the batch in the epoch.
-
-        Returns:
-            The scalar loss.
+        :mod:`segmentation.training.nonfinite`).
 
         Raises:
             NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss is NaN or infinite on

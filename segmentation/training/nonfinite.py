@@ -23,10 +23,7 @@ class NonFiniteLossPolicy:
     """"stop" raises :class:`NonFiniteLossError`; "skip" drops the step's update.
 
     With "skip" the bad batch's loss is still returned, so its backward pass and all-reduce
-    run as on every other process; :meth:`before_optimizer_step` then drops the gradients, so
-    the optimizer leaves the weights and its momentum untouched (with gradient accumulation the
-    whole accumulated step), and restores the network's buffers (batch norm running
-    statistics), which the bad batch's forward pass had already updated.
+    run as on every other process; :meth:`before_optimizer_step` then undoes the step.
 
     Args:
         policy: "stop" or "skip".
@@ -70,8 +67,9 @@ class NonFiniteLossPolicy:
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the gradients and restore the buffers of a step marked skipped.
 
-        Parameters without a gradient are left alone by the optimizer (no update, no weight
-        decay, no momentum).
+        Without gradients the optimizer leaves every parameter alone (no update, no weight decay,
+        no momentum; with gradient accumulation the whole accumulated step). The buffers (batch
+        norm running statistics) had already been updated by the bad batch's forward pass.
         """
         if not self._skip_step:
             return
