@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from segmentation import __version__
 from segmentation.data.commands import add_data_commands
 from segmentation.evaluation.commands import add_evaluate_command
-from segmentation.inference.commands import add_infer_command
+from segmentation.inference.commands import add_infer_command, root_cause
 from segmentation.summary import add_summary_command
 
 LIGHTNING_SUBCOMMANDS = {
@@ -89,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe(error: BaseException) -> str:
     """An exception as the user should read it: the innermost reason, its type where unclear."""
-    while error.__cause__ is not None:  # e.g. MONAI's "applying transform" around the reason
-        error = error.__cause__
+    error = root_cause(error)  # e.g. not MONAI's "applying transform" around the reason
     message = str(error).strip() or type(error).__name__
     if isinstance(error, ValueError | OSError):
         return message

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from segmentation.cli import main
 from segmentation.data.preprocessing import Preprocessing
 from segmentation.data.synth import generate_dataset
 from segmentation.inference.checkpoint import CheckpointRecord, write_network_checkpoint
+from segmentation.training.module import SegmentationModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -214,10 +218,6 @@ def test_fit_interrupted_exits_with_the_signals_code_and_one_line(workspace, tmp
                                                                   monkeypatch, capsys,
                                                                   interrupt, code, line):
     """Ctrl-C (KeyboardInterrupt) and SIGTERM mid-training: Lightning stops the run itself."""
-    import signal
-
-    from segmentation.training.module import SegmentationModule
-
     real_step = SegmentationModule.training_step
 
     def step_then_interrupt(self, batch, batch_idx):
@@ -240,3 +240,35 @@ def test_fit_interrupted_exits_with_the_signals_code_and_one_line(workspace, tmp
     leftovers = [p for p in (tmp_path / "runs").rglob("*") if p.name.startswith(".")
                  or p.suffix in (".tmp", ".part")]
     assert leftovers == []
+
+
+SIGNAL_MID_SYNTH = """
+import os, signal, sys
+import nibabel as nib
+real_save = nib.save
+def save_then_signal(image, filename):
+    real_save(image, filename)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+nib.save = save_then_signal
+from segmentation.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("name", "code", "line"), [("SIGINT", 130, "interrupted"),
+                                                    ("SIGTERM", 143, "terminated")])
+def test_synth_interrupted_leaves_no_partial_dataset_and_keeps_the_old_one(
+        tmp_path, name, code, line):
+    old = tmp_path / "synthetic"
+    generate_dataset(old, cases=2, test_cases=0, seed=1, shape=(16, 16, 16))
+    before = snapshot(old)
+    for out, extra in ((tmp_path / "new", []), (old, ["--force"])):
+        done = subprocess.run([sys.executable, "-c", SIGNAL_MID_SYNTH, name, "data", "synth",
+                               "--out", str(out), "--cases", "2", "--shape", "16", "16", "16",
+                               *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == code, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == line
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "new").exists()  # no partial dataset
+    assert snapshot(old) == before  # --force replaces only once the new one is complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # no staging folder

@@ -296,3 +296,61 @@ def test_evaluate_csv_into_a_missing_folder_or_a_folder_is_one_line(evaluation, 
     assert "does not exist" in one_error_line(capsys)
     assert evaluate(evaluation, tmp_path) == 1
     assert "is a folder" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- odd scans
+RNG = np.random.default_rng(0)
+FLOAT = RNG.random((12, 10, 8)).astype(np.float32)
+UNUSUAL_BUT_FINE = {  # segmented, with the scan's own shape and affine
+    "float64": (FLOAT.astype(np.float64), None),
+    "int8": (RNG.integers(-5, 5, (12, 10, 8)).astype(np.int8), None),
+    "uint16": (RNG.integers(0, 60000, (12, 10, 8)).astype(np.uint16), None),
+    "constant": (np.zeros((12, 10, 8), np.float32), None),
+    "one_voxel": (np.ones((1, 1, 1), np.float32), None),
+    "sheared": (FLOAT, np.array([[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]])),
+    "lps": (FLOAT, np.diag([-0.8, -0.8, 2.5, 1.0])),
+}
+REFUSED = {  # reported in one line naming the file; the other scans are still written
+    "flat2d": (FLOAT[..., 0], "a 2D image of shape (12, 10); this model segments 3D scans"),
+    "fivedim": (FLOAT[..., None, None], "a 5D image"),
+    "two_channels": (np.stack([FLOAT, FLOAT], -1), "2 channel(s), but the model expects 1"),
+    "nan": (np.full((12, 10, 8), np.nan, np.float32), "non-finite logits"),
+    "inf": (np.full((12, 10, 8), np.inf, np.float32), "non-finite logits"),
+    "empty": (b"", "Empty file"),
+    "text": (b"hello", "not a gzip file"),
+    "truncated": ("half", "Compressed file ended"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNUSUAL_BUT_FINE))
+def test_unusual_scans_are_segmented_on_their_own_grid(name, checkpoint, tmp_path):
+    data, affine = UNUSUAL_BUT_FINE[name]
+    affine = np.diag([1.0, 1.0, 2.0, 1.0]) if affine is None else affine
+    path = tmp_path / "in" / f"{name}.nii.gz"
+    path.parent.mkdir()
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    assert run("infer", "--checkpoint", str(checkpoint), "--input", str(path), "--output",
+               str(tmp_path / "out")) == 0
+    mask = nib.load(str(tmp_path / "out" / f"{name}.nii.gz"))
+    assert mask.shape == data.shape and np.allclose(mask.affine, affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_scan_that_cannot_be_segmented_is_one_line_and_the_others_are_written(
+        name, checkpoint, tmp_path, capsys):
+    content, message = REFUSED[name]
+    inputs = tmp_path / "in"
+    good = scan(inputs / "good.nii.gz")
+    path = inputs / f"{name}.nii.gz"
+    if isinstance(content, np.ndarray):
+        nib.save(nib.Nifti1Image(content, np.eye(4)), str(path))
+    else:
+        whole = good.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2] if content == "half" else content)
+    assert run("infer", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output",
+               str(tmp_path / "out")) == 1
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {path}: ") and message in line, line
+    assert "ValueError" not in line  # our own refusals read as sentences, not exceptions
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "good.nii.gz", "provenance.json"]

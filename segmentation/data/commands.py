@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,17 +78,29 @@ def run_synth(args: argparse.Namespace) -> int:
         foreign = foreign_dataset(out)
         if foreign:
             return _error(foreign)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # written into a hidden sibling folder and moved in once complete: an interrupted
+        # synth leaves no partial dataset, and --force keeps the old one until then
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.synth-"))
+    except OSError as error:
+        return _error(f"{out}: cannot write there ({error.strerror or error})")
+    try:
+        info = generate_dataset(staging, cases=args.cases, seed=args.seed, shape=args.shape,
+                                dims=args.dims, test_cases=args.test_cases)
+        out.mkdir(exist_ok=True)
         for name in SYNTH_OWNED:
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    try:
-        info = generate_dataset(out, cases=args.cases, seed=args.seed, shape=args.shape,
-                                dims=args.dims, test_cases=args.test_cases)
+        for entry in staging.iterdir():
+            os.replace(entry, out / entry.name)
     except (ValueError, OSError) as error:
         return _error(str(error))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     shape = "×".join(str(s) for s in (args.shape or DEFAULT_SHAPE[args.dims]))
     print(f"wrote {len(info.training)} training case(s) (imagesTr, labelsTr) and "
           f"{len(info.test)} test case(s) (imagesTs, labelsTs) of {shape} voxels to {out}")

@@ -101,8 +101,10 @@ def segment_all(segmenter: Segmenter, cases: list[Case], output_dir: Path,
                 result.outputs = [str(p) for p in written]
             except Exception as err:  # one bad scan must not stop the others
                 cause = root_cause(err)
-                result.error = f"{type(cause).__name__}: {cause}"
-                progress.console.print(f"error: {case.images[0]}: {result.error}", markup=False,
+                result.error = str(cause)
+                if not result.error.startswith(str(case.images[0])):  # name the file once
+                    result.error = f"{case.images[0]}: {type(cause).__name__}: {cause}"
+                progress.console.print(f"error: {result.error}", markup=False,
                                        highlight=False)
             result.seconds = round(time.monotonic() - tick, 3)
             results.append(result)

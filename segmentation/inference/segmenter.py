@@ -132,6 +132,20 @@ class Segmenter:
                 probabilities, meta=image.meta, applied_operations=image.applied_operations)})
         return torch.as_tensor(inverted["image"]).float()                 # (K, *S)
 
+    def check_dimensions(self, path: Path, shape: tuple[int, ...]) -> None:
+        """Refuse a file whose number of axes this model cannot segment.
+
+        A scan has the model's spatial axes, or one more holding its channels (MSD's 4D).
+
+        Raises:
+            ValueError: naming the file, its shape and what the model takes.
+        """
+        spatial = self.preprocessing.spatial_dims
+        if len(shape) not in (spatial, spatial + 1):
+            raise ValueError(f"{path}: a {len(shape)}D image of shape {tuple(shape)}; this "
+                             f"model segments {spatial}D scans (a file with several channels "
+                             f"holds them on axis {spatial + 1})")
+
     def segment(self, case: Case, output_dir: Path, *, save_probabilities: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> list[Path]:
         """Segment one case and write its files (see ``outputs.output_paths``).
@@ -141,6 +155,7 @@ class Segmenter:
             and, with ``save_probabilities``, ``CASE_probabilities.nii.gz`` ((*S, K) float32).
         """
         reference = nib.load(str(case.images[0]))
+        self.check_dimensions(case.images[0], reference.shape)
         probabilities = self.probabilities(case, progress)
         spatial = tuple(reference.shape[: probabilities.ndim - 1])
         if tuple(probabilities.shape[1:]) != spatial:
