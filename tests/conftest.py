@@ -1,4 +1,8 @@
-"""Shared fixtures for the data tests: tiny NIfTI files and datasets written in tmp_path."""
+"""Fixtures shared by several test files: tiny NIfTI files, datasets, volumes and networks.
+
+Datasets that take a while to make, and the trained checkpoint, are built once per session;
+copy a dataset before changing it (data modules write their ``splits.json`` into it).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from segmentation import UNet
 from segmentation.data.synth import generate_dataset
 
 # A small synthetic dataset: enough cases to plant one problem per case.
@@ -99,3 +105,130 @@ def synth_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synth_copy(synth_source: Path, tmp_path: Path) -> Path:
     """A private copy of the small synthetic dataset, free to break."""
     return Path(shutil.copytree(synth_source, tmp_path / "dataset"))
+
+
+@pytest.fixture(scope="session")
+def synth_medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 training cases of 40 × 36 × 24 voxels and 1 test case: room for real resampling and
+    24³ patches (the preprocessing and data-module tests)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, cases=6, test_cases=1, seed=3, shape=(40, 36, 24))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 training cases of 32 × 32 × 20 voxels and 1 test case (the training tests)."""
+    root = tmp_path_factory.mktemp("tiny3d")
+    generate_dataset(root, cases=4, test_cases=1, seed=1, shape=(32, 32, 20))
+    return root
+
+
+# ------------------------------------------------------------------ volumes and networks
+
+
+def _striped_volume(shape=(40, 44, 36)) -> dict[str, torch.Tensor]:
+    """An image whose intensity encodes each voxel's label, so pairing errors show."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 3, size=[-(-n // 6) for n in shape]).astype(np.uint8)
+    for axis in range(len(shape)):  # 6-voxel blocks: shifts show, interpolation barely does
+        blocks = blocks.repeat(6, axis=axis)
+    label = blocks[tuple(slice(0, n) for n in shape)][None]
+    return {"image": torch.from_numpy(label.astype(np.float32) * 10),
+            "label": torch.from_numpy(label)}
+
+
+def _two_class_volume() -> dict[str, np.ndarray]:
+    label = np.zeros((1, 40, 36, 30), dtype=np.uint8)
+    label[0, 2:38, 2:34, 2:28] = 1        # a large class: ~30k voxels
+    label[0, 30:32, 5:7, 20:22] = 2       # a tiny one: 8 voxels
+    return {"image": np.zeros((1, 40, 36, 30), dtype=np.float32), "label": label}
+
+
+@pytest.fixture
+def striped_volume() -> Callable[..., dict[str, torch.Tensor]]:
+    """``striped_volume(shape=(40, 44, 36))``: labels 0, 1 and 2 in 6-voxel blocks, and an
+    image of 10 × the label."""
+    return _striped_volume
+
+
+@pytest.fixture
+def two_class_volume() -> Callable[[], dict[str, np.ndarray]]:
+    """``two_class_volume()``: a (1, 40, 36, 30) label with a large class 1 and an 8-voxel class
+    2, and a zero image."""
+    return _two_class_volume
+
+
+SMALL_NET_FEATURES = (4, 8, 16)  # depth 2: small enough for 3D on a CPU
+
+
+def _small_net(dims: int, padding: str, skips: object, block: str, **kwargs: object) -> UNet:
+    return UNet(spatial_dims=dims, in_channels=2, out_channels=3, features=SMALL_NET_FEATURES,
+                padding=padding, long_skips=skips, encoder_block=block,
+                blocks_per_level=[1, 2, 1], **kwargs)
+
+
+@pytest.fixture
+def small_net() -> Callable[..., UNet]:
+    """``small_net(dims, padding, skips, block, **kwargs)``: a U-Net with 2 input channels,
+    3 classes, features ``small_net_features`` and blocks_per_level [1, 2, 1]."""
+    return _small_net
+
+
+@pytest.fixture
+def small_net_features() -> tuple[int, ...]:
+    """The channels of every level of ``small_net``, top first."""
+    return SMALL_NET_FEATURES
+
+
+# ------------------------------------------------------------------ a trained checkpoint
+
+
+def _train_checkpoint(root: Path, path: Path, *, in_channels: int = 1, padding: str = "same",
+                      normalization: str = "zscore") -> Path:
+    """One training step on a tiny dataset, saved as a self-describing checkpoint."""
+    import pytorch_lightning as pl  # only where a checkpoint is trained
+
+    from segmentation.data.datamodule import SegmentationDataModule
+    from segmentation.training.module import SegmentationModule
+
+    net = UNet(spatial_dims=3, in_channels=in_channels, out_channels=4, features=(4, 8),
+               padding=padding, norm="batch" if padding == "valid" else "instance")
+    patch = net.valid_input_shape((32, 32, 32)) if padding == "valid" else (16, 16, 16)
+    dm = SegmentationDataModule(str(root), n_folds=2, patch_size=patch, batch_size=1,
+                                patches_per_epoch=1, num_workers=0, cache="none", network=net,
+                                spacing=(1.0, 1.0, 1.5), normalization=normalization)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(SegmentationModule(net, patch_size=patch), datamodule=dm)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture
+def train_checkpoint() -> Callable[..., Path]:
+    """``train_checkpoint(root, path, *, in_channels=1, padding="same", normalization="zscore")``:
+    one training step of a tiny 3D U-Net on the dataset ``root``, saved to ``path``."""
+    return _train_checkpoint
+
+
+@pytest.fixture(scope="session")
+def infer_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 training cases (what the checkpoints learn from) and 3 test scans (what infer reads)."""
+    root = tmp_path_factory.mktemp("infer_data")
+    generate_dataset(root, cases=3, test_cases=3, seed=5, shape=(40, 36, 20))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(infer_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint trained for one step on ``infer_dataset``, 4 classes."""
+    return _train_checkpoint(infer_dataset, tmp_path_factory.mktemp("ckpt") / "model.ckpt")
+
+
+@pytest.fixture(scope="session")
+def trained_ct_checkpoint(infer_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dataset-level (CT-style) normalisation: a network-input threshold is a raw threshold."""
+    return _train_checkpoint(infer_dataset, tmp_path_factory.mktemp("ckpt") / "ct.ckpt",
+                             normalization="ct")

@@ -1,4 +1,5 @@
-"""2D slice mode: intensities survive augmentation, randomness advances, oversampling rate."""
+"""2D slice mode: intensities survive augmentation, randomness advances, oversampling rate,
+labels stay integral, forced classes come from the recorded locations."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from monai.data import DataLoader
 
-from segmentation.data.patches import ForegroundOversampledCropd
+from segmentation import UNet
+from segmentation.data.patches import ClassLocationsd
 from segmentation.data.slices import RandomSlices
-from segmentation.inference.tiling import mirror_pad
 
 
 def normal_volume(shape: tuple[int, int, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,12 +58,28 @@ def test_foreground_is_forced_at_the_configured_rate(fraction):
     assert abs(shown - fraction) < 0.06, shown
 
 
-def test_training_crops_mirror_pad_as_overlap_tile_does():
-    crop = ForegroundOversampledCropd("image", "label", (20, 9, 7), (4, 5, 7))
-    image = np.random.default_rng(0).standard_normal((2, 3, 1, 6)).astype(np.float32)
-    padded, before = crop._pad(image)
-    assert before == [8, 4, 0]
-    pads = [(b, s - n - b) for b, s, n in zip(before, padded.shape[1:], image.shape[1:],
-                                              strict=True)]
-    expected = mirror_pad(torch.from_numpy(image)[None], pads)[0].numpy()
-    assert np.array_equal(padded, expected)
+def test_slices_take_the_forced_class_from_the_record(two_class_volume):
+    volume = ClassLocationsd()(two_class_volume())
+    slices = RandomSlices([volume], axis=2, input_size=(6, 6), output_size=(6, 6), length=300,
+                          foreground_fraction=1.0, augment=False, seed=0)
+    shown = [set(np.unique(slices[i]["label"].numpy())) for i in range(len(slices))]
+    assert all(s - {0} for s in shown)             # every patch shows foreground
+    share_tiny = np.mean([2 in s for s in shown])  # class first: the 8-voxel class half the time
+    assert 0.4 < share_tiny < 0.6, share_tiny
+
+
+def test_slice_mode_keeps_labels_integral_and_pairs_shapes(striped_volume):
+    volume = striped_volume((12, 40, 44))
+    net = UNet(spatial_dims=2, features=(4, 8), padding="valid")
+    input_size = net.valid_input_shape((30, 30))
+    output_size = net.output_shape(input_size)
+    slices = RandomSlices([volume], axis=0, input_size=input_size, output_size=output_size,
+                          length=20, augment=True)
+    values = set()
+    for i in range(len(slices)):
+        item = slices[i]
+        assert item["image"].shape == (1, *input_size)
+        assert item["label"].shape == (1, *output_size)
+        assert item["label"].dtype == torch.long
+        values |= set(item["label"].unique().tolist())
+    assert values <= {0, 1, 2}

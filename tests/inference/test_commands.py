@@ -13,54 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
-from segmentation import UNet
 from segmentation.cli import main
-from segmentation.data.datamodule import SegmentationDataModule
-from segmentation.data.synth import generate_dataset
 from segmentation.inference import devices, segmenter
 from segmentation.inference.checkpoint import read_record
 from segmentation.inference.provenance import sha256
 from segmentation.inference.segmenter import Segmenter
-from segmentation.training.module import SegmentationModule
-
-
-def train_checkpoint(root: Path, path: Path, *, in_channels: int = 1, padding: str = "same",
-                     normalization: str = "zscore") -> Path:
-    """One training step on a tiny dataset, saved as a self-describing checkpoint."""
-    net = UNet(spatial_dims=3, in_channels=in_channels, out_channels=4, features=(4, 8),
-               padding=padding, norm="batch" if padding == "valid" else "instance")
-    patch = net.valid_input_shape((32, 32, 32)) if padding == "valid" else (16, 16, 16)
-    dm = SegmentationDataModule(str(root), n_folds=2, patch_size=patch, batch_size=1,
-                                patches_per_epoch=1, num_workers=0, cache="none", network=net,
-                                spacing=(1.0, 1.0, 1.5), normalization=normalization)
-    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(SegmentationModule(net, patch_size=patch), datamodule=dm)
-    trainer.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("infer_data")
-    generate_dataset(root, cases=3, test_cases=3, seed=5, shape=(40, 36, 20))
-    return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory) -> Path:
-    return train_checkpoint(dataset, tmp_path_factory.mktemp("ckpt") / "model.ckpt")
-
-
-@pytest.fixture(scope="module")
-def ct_checkpoint(dataset, tmp_path_factory) -> Path:
-    """Dataset-level (CT-style) normalisation: a network-input threshold is a raw threshold."""
-    return train_checkpoint(dataset, tmp_path_factory.mktemp("ckpt") / "ct.ckpt",
-                            normalization="ct")
 
 
 def infer(*args: str) -> int:
@@ -96,11 +55,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
-def test_outputs_keep_each_scans_geometry_and_structures_stay_in_place(dataset, checkpoint,
+def test_outputs_keep_each_scans_geometry_and_structures_stay_in_place(infer_dataset,
+                                                                       trained_checkpoint,
                                                                        tmp_path, monkeypatch):
-    transform = read_record(checkpoint).preprocessing.transforms(("image", "label"))
-    scans = sorted((dataset / "imagesTs").glob("*.nii.gz"))
-    labels = [dataset / "labelsTs" / scan.name.replace("_0000", "") for scan in scans]
+    transform = read_record(trained_checkpoint).preprocessing.transforms(("image", "label"))
+    scans = sorted((infer_dataset / "imagesTs").glob("*.nii.gz"))
+    labels = [infer_dataset / "labelsTs" / scan.name.replace("_0000", "") for scan in scans]
     pairs = []
     for scan, label in zip(scans, labels, strict=True):
         data = transform({"image": str(scan), "label": str(label)})
@@ -108,8 +68,8 @@ def test_outputs_keep_each_scans_geometry_and_structures_stay_in_place(dataset, 
     monkeypatch.setattr(segmenter, "Predictor", lambda *args, **kwargs: LabelOracle(pairs, 4))
 
     out = tmp_path / "out"
-    assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(dataset / "imagesTs"),
-                 "--output", str(out)]) == 0
+    assert main(["infer", "--checkpoint", str(trained_checkpoint), "--input",
+                 str(infer_dataset / "imagesTs"), "--output", str(out)]) == 0
     orientations = set()
     for scan, label in zip(scans, labels, strict=True):
         source, result = nib.load(scan), nib.load(out / label.name)
@@ -127,15 +87,15 @@ def test_outputs_keep_each_scans_geometry_and_structures_stay_in_place(dataset, 
     assert len(orientations) > 1  # RAS- and LPS-like (and rotated) scans all came back in place
 
 
-def test_refuses_to_overwrite_outputs_or_inputs_unless_told(dataset, checkpoint, tmp_path,
-                                                            capsys):
+def test_refuses_to_overwrite_outputs_or_inputs_unless_told(infer_dataset, trained_checkpoint,
+                                                            tmp_path, capsys):
     scans = tmp_path / "scans"
-    shutil.copytree(dataset / "imagesTs", scans)
+    shutil.copytree(infer_dataset / "imagesTs", scans)
     out = tmp_path / "out"
     out.mkdir()
     existing = out / "synth_003.nii.gz"
     existing.write_bytes(b"keep me")
-    assert infer("--checkpoint", str(checkpoint), "--input", str(scans), "--output",
+    assert infer("--checkpoint", str(trained_checkpoint), "--input", str(scans), "--output",
                  str(out)) == 1
     assert "synth_003.nii.gz: exists; pass --overwrite" in capsys.readouterr().err
     assert existing.read_bytes() == b"keep me"
@@ -145,19 +105,19 @@ def test_refuses_to_overwrite_outputs_or_inputs_unless_told(dataset, checkpoint,
     single = scans / "synth_005.nii.gz"
     shutil.copy(scans / "synth_005_0000.nii.gz", single)
     before = single.read_bytes()
-    assert infer("--checkpoint", str(checkpoint), "--input", str(single), "--output",
+    assert infer("--checkpoint", str(trained_checkpoint), "--input", str(single), "--output",
                  str(scans), "--overwrite") == 1
     assert "is one of the input scans" in capsys.readouterr().err
     assert single.read_bytes() == before
 
-    assert infer("--checkpoint", str(checkpoint), "--input", str(scans / "synth_003_0000.nii.gz"),
-                 "--output", str(out), "--overwrite") == 0
+    assert infer("--checkpoint", str(trained_checkpoint), "--input",
+                 str(scans / "synth_003_0000.nii.gz"), "--output", str(out), "--overwrite") == 0
     assert nib.load(existing).shape == nib.load(scans / "synth_003_0000.nii.gz").shape
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
-def test_an_interrupted_write_leaves_no_partial_file(dataset, checkpoint, tmp_path, monkeypatch,
-                                                     capsys, failure):
+def test_an_interrupted_write_leaves_no_partial_file(infer_dataset, trained_checkpoint, tmp_path,
+                                                     monkeypatch, capsys, failure):
     real_save = nib.save
 
     def failing_save(image, filename):
@@ -167,8 +127,8 @@ def test_an_interrupted_write_leaves_no_partial_file(dataset, checkpoint, tmp_pa
 
     monkeypatch.setattr(nib, "save", failing_save)
     out = tmp_path / "out"
-    args = ("--checkpoint", str(checkpoint), "--input",
-            str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output", str(out))
+    args = ("--checkpoint", str(trained_checkpoint), "--input",
+            str(infer_dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output", str(out))
     if failure is KeyboardInterrupt:  # stops the whole run
         assert infer(*args) == 130  # "interrupted", no traceback
         assert capsys.readouterr().err.strip().endswith("interrupted")
@@ -179,15 +139,15 @@ def test_an_interrupted_write_leaves_no_partial_file(dataset, checkpoint, tmp_pa
         assert [p.name for p in out.iterdir()] == ["provenance.json"]
 
 
-def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoint, tmp_path,
-                                                               capsys):
+def test_a_corrupt_scan_is_reported_and_the_others_are_written(infer_dataset, trained_checkpoint,
+                                                               tmp_path, capsys):
     scans = tmp_path / "scans"
-    shutil.copytree(dataset / "imagesTs", scans)
+    shutil.copytree(infer_dataset / "imagesTs", scans)
     (scans / "broken_0000.nii.gz").write_bytes(np.random.default_rng(0).bytes(500))
     whole = (scans / "synth_004_0000.nii.gz").read_bytes()  # a header that reads, data that not
     (scans / "truncated_0000.nii.gz").write_bytes(whole[:len(whole) // 2])
     out = tmp_path / "out"
-    assert infer("--checkpoint", str(checkpoint), "--input", str(scans), "--output",
+    assert infer("--checkpoint", str(trained_checkpoint), "--input", str(scans), "--output",
                  str(out), "--save-probabilities") == 1
     err = capsys.readouterr().err
     assert "broken_0000.nii.gz" in err and "Traceback" not in err
@@ -201,16 +161,16 @@ def test_a_corrupt_scan_is_reported_and_the_others_are_written(dataset, checkpoi
     assert np.allclose(np.asanyarray(probabilities.dataobj).sum(-1), 1.0, atol=1e-3)
 
     [record] = json.loads((out / "provenance.json").read_text())["runs"]
-    assert record["checkpoint_sha256"] == sha256(checkpoint)
+    assert record["checkpoint_sha256"] == sha256(trained_checkpoint)
     assert record["versions"]["torch"] == torch.__version__
     assert record["settings"]["precision"] == "fp32"  # "auto" on the CPU
     failed = [c for c in record["cases"] if c["error"]]
     assert [c["case_id"] for c in failed] == ["broken", "truncated"]
 
 
-def test_multichannel_cases_and_valid_networks(dataset, tmp_path):
+def test_multichannel_cases_and_valid_networks(infer_dataset, tmp_path, train_checkpoint):
     two = tmp_path / "two_channels"
-    shutil.copytree(dataset, two)
+    shutil.copytree(infer_dataset, two)
     meta = json.loads((two / "dataset.json").read_text())
     meta["channel_names"] = {"0": "T1", "1": "T2"}
     (two / "dataset.json").write_text(json.dumps(meta))
@@ -224,96 +184,50 @@ def test_multichannel_cases_and_valid_networks(dataset, tmp_path):
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [
         "synth_003.nii.gz", "synth_004.nii.gz", "synth_005.nii.gz"]
 
-    valid = train_checkpoint(dataset, tmp_path / "valid.ckpt", padding="valid")
-    scan = dataset / "imagesTs" / "synth_004_0000.nii.gz"
+    valid = train_checkpoint(infer_dataset, tmp_path / "valid.ckpt", padding="valid")
+    scan = infer_dataset / "imagesTs" / "synth_004_0000.nii.gz"
     assert infer("--checkpoint", str(valid), "--input", str(scan), "--output",
                  str(tmp_path / "valid_out"), "--tta") == 0
     assert nib.load(tmp_path / "valid_out" / "synth_004.nii.gz").shape == nib.load(scan).shape
 
 
-def test_a_missing_gpu_or_bad_checkpoint_is_one_error_line(dataset, tmp_path, capsys):
+def test_a_missing_gpu_or_bad_checkpoint_is_one_error_line(infer_dataset, tmp_path, capsys):
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_bytes(b"nope")
-    assert infer("--checkpoint", str(bogus), "--input", str(dataset / "imagesTs"), "--output",
+    assert infer("--checkpoint", str(bogus), "--input", str(infer_dataset / "imagesTs"), "--output",
                  str(tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU is available"):
             devices.resolve_device("cuda")
-    assert infer("--checkpoint", str(bogus), "--input", str(dataset / "imagesTs"), "--output",
+    assert infer("--checkpoint", str(bogus), "--input", str(infer_dataset / "imagesTs"), "--output",
                  str(tmp_path / "out"), "--device", "gpu0") == 1
     assert capsys.readouterr().err.strip() == (
         "error: --device gpu0: choose auto, cpu, cuda or cuda:N")
 
 
-def test_precision_choice_and_cpu_stitching_when_the_gpu_would_not_hold_the_buffers(
-        checkpoint, monkeypatch):
-    cpu = torch.device("cpu")
-    assert devices.resolve_precision("auto", cpu) == "fp32"
-    assert devices.resolve_precision("bf16", cpu) == "bf16"
-    assert devices.resolve_precision("fp16", cpu) == "fp16"
-    with pytest.raises(ValueError, match="--precision fp8: choose auto, fp32, bf16 or fp16"):
-        devices.resolve_precision("fp8", cpu)
-
-    notes: list[str] = []
-    model = Segmenter(checkpoint, device="cpu", tta=True, note=notes.append)
-    model.device = torch.device("cuda")  # decide as if on a GPU; nothing runs on it
-    voxels = 512 * 512 * 400  # (4 classes × 3 with TTA + normaliser + 2 scan copies) × 4 B
-    monkeypatch.setattr(devices, "available_gpu_memory", lambda device: 15 * 2**30)
-    model.place_stitching(voxels, 1)
-    assert model.predictor.out_device == torch.device("cpu")  # > 25% of a 16 GB card
-    assert "stitching them on the CPU" in notes[-1] and "5.9 GiB" in notes[-1]
-    monkeypatch.setattr(devices, "available_gpu_memory", lambda device: 75 * 2**30)
-    model.place_stitching(voxels, 1)
-    assert model.predictor.out_device == torch.device("cuda")
-    assert len(notes) == 1
-
-
-def test_gpu_choices_without_a_gpu(monkeypatch):
-    """auto precision follows the card's generation; memory queries get a device index."""
-    cuda = torch.device("cuda")  # no index, as resolve_device("auto") gives it
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    assert devices.resolve_precision("auto", cuda) == "fp16"  # V100, T4: no native bf16
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert devices.resolve_precision("auto", cuda) == "bf16"
-
-    def expects_index(value):
-        def query(device):
-            assert isinstance(device, int), device  # some torch.cuda calls reject "cuda"
-            return value
-        return query
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", expects_index((10 * 2**30, 16 * 2**30)))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", expects_index(2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", expects_index(3 * 2**30))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", expects_index(0.5))
-    # free 10 GiB + 2 GiB cached by us, but capped at half the card less what we hold: 7 GiB
-    assert devices.available_gpu_memory(cuda) == 7 * 2**30
-
-
-def test_non_finite_logits_fail_the_scan_with_advice(dataset, checkpoint, tmp_path, monkeypatch,
-                                                     capsys):
+def test_non_finite_logits_fail_the_scan_with_advice(infer_dataset, trained_checkpoint, tmp_path,
+                                                     monkeypatch, capsys):
     monkeypatch.setattr(segmenter, "Predictor", lambda *args, **kwargs:
                         lambda image, progress=None: torch.full((1, 4, *image.shape[2:]),
                                                                 float("nan")))
-    assert infer("--checkpoint", str(checkpoint), "--input",
-                 str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output",
+    assert infer("--checkpoint", str(trained_checkpoint), "--input",
+                 str(infer_dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output",
                  str(tmp_path / "out")) == 1
     assert ("the network gave non-finite logits; check the scan's intensities"
             in capsys.readouterr().err)
 
 
-def test_compiled_network_gives_the_same_masks(dataset, checkpoint, tmp_path):
+def test_compiled_network_gives_the_same_masks(infer_dataset, trained_checkpoint, tmp_path):
     """--compile runs torch.compile'd kernels (inductor, C++ on the CPU) with the same result."""
-    scan = dataset / "imagesTs" / "synth_003_0000.nii.gz"
+    scan = infer_dataset / "imagesTs" / "synth_003_0000.nii.gz"
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert infer("--checkpoint", str(checkpoint), "--input", str(scan), "--output",
+    assert infer("--checkpoint", str(trained_checkpoint), "--input", str(scan), "--output",
                  str(eager), "--save-probabilities") == 0
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    assert infer("--checkpoint", str(checkpoint), "--input", str(scan), "--output",
+    assert infer("--checkpoint", str(trained_checkpoint), "--input", str(scan), "--output",
                  str(compiled), "--save-probabilities", "--compile", "--batch-size", "5") == 0
     # it compiled, once: full batches only (a short last batch would compile again)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -326,15 +240,15 @@ def test_compiled_network_gives_the_same_masks(dataset, checkpoint, tmp_path):
              for folder in (eager, compiled)]
     assert (masks[0] == masks[1]).mean() > 0.999  # argmax ties may flip within 1e-4
 
-    model = Segmenter(checkpoint, device="cpu", compile=True)
+    model = Segmenter(trained_checkpoint, device="cpu", compile=True)
     compiled_net = model.predictor.net  # compiled once, shared by every scan
     assert compiled_net is not model.net and compiled_net._orig_mod is model.net
 
 
-def test_outputs_are_readable_labels_not_copies_of_the_scans_header(dataset, checkpoint,
-                                                                    tmp_path):
+def test_outputs_are_readable_labels_not_copies_of_the_scans_header(infer_dataset,
+                                                                    trained_checkpoint, tmp_path):
     """Geometry from the scan; display range, intent, description and time unit not."""
-    source = nib.load(dataset / "imagesTs" / "synth_003_0000.nii.gz")
+    source = nib.load(infer_dataset / "imagesTs" / "synth_003_0000.nii.gz")
     header = source.header.copy()
     header["cal_min"], header["cal_max"] = 0, 1000
     header["descrip"] = b"T1 scan"
@@ -345,8 +259,8 @@ def test_outputs_are_readable_labels_not_copies_of_the_scans_header(dataset, che
     out = tmp_path / "out"
     previous = os.umask(0o022)
     try:
-        assert infer("--checkpoint", str(checkpoint), "--input", str(scan), "--output", str(out),
-                     "--save-probabilities") == 0
+        assert infer("--checkpoint", str(trained_checkpoint), "--input", str(scan), "--output",
+                     str(out), "--save-probabilities") == 0
     finally:
         os.umask(previous)
     labels = nib.load(out / "scan.nii.gz").header
@@ -378,12 +292,12 @@ sys.exit(code)
 """
 
 
-def test_infer_runs_where_lightning_cannot_be_imported(dataset, checkpoint, tmp_path):
+def test_infer_runs_where_lightning_cannot_be_imported(infer_dataset, trained_checkpoint, tmp_path):
     """Inference needs the checkpoint and the network, never the training code."""
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", BLOCK_LIGHTNING, "infer", "--checkpoint",
-                           str(checkpoint), "--input",
-                           str(dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output",
+                           str(trained_checkpoint), "--input",
+                           str(infer_dataset / "imagesTs" / "synth_003_0000.nii.gz"), "--output",
                            str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "synth_003.nii.gz").is_file()

@@ -1,4 +1,4 @@
-"""Overlap-tile prediction equals one whole-scan pass; sliding window keeps the scan's size."""
+"""Overlap-tile prediction equals one whole-scan pass; inference tiles larger than the patch."""
 
 from __future__ import annotations
 
@@ -62,33 +62,6 @@ def test_tile_step_is_a_multiple_of_the_downsampling_grid():
     assert tile_step(388, 4) == 384
     assert tile_step(44, 3) == 40
     assert tile_step(4, 4) == 4  # smaller than the grid: steps by itself
-
-
-@pytest.mark.parametrize("padding", ["same", "valid"])
-def test_predictor_returns_logits_of_the_scan_size_and_mirror_tta_is_equivariant(padding):
-    torch.manual_seed(0)
-    features = (4, 8, 16) if padding == "same" else (4, 8)  # a shallow valid net keeps it fast
-    net = UNet(spatial_dims=3, features=features, padding=padding, norm="batch").eval()
-    patch = (16, 16, 16) if padding == "same" else net.valid_input_shape((20, 20, 20))
-    image = torch.randn(1, 1, 21, 18, 23)
-    with torch.no_grad():
-        logits = Predictor(net, patch, batch_size=2)(image)
-        assert logits.shape == (1, 2, 21, 18, 23)
-        tta = Predictor(net, patch, mirror=True)(image)
-        flipped = Predictor(net, patch, mirror=True)(image.flip(2)).flip(2)
-    assert tta.shape == logits.shape
-    assert torch.allclose(tta, flipped, atol=1e-4)  # averaging over all flips is flip-invariant
-
-
-def test_predictor_runs_a_2d_network_slice_by_slice():
-    torch.manual_seed(0)
-    net = UNet(spatial_dims=2, features=(4, 8, 16), norm="batch").eval()
-    image = torch.randn(1, 1, 5, 20, 24)
-    with torch.no_grad():
-        logits = Predictor(net, (16, 16), slice_axis=0)(image)
-        direct = Predictor(net, (16, 16))(image[:, :, 3])
-    assert logits.shape == (1, 2, 5, 20, 24)
-    assert torch.allclose(logits[:, :, 3], direct, atol=1e-5)
 
 
 def test_larger_inference_tiles_give_the_same_logits_where_the_net_allows():
@@ -159,33 +132,3 @@ def test_a_tile_in_use_is_kept_where_it_reads_at_most_a_tenth_more():
     own_far = inference_tile(net, patch, far)
     assert voxels_read(net, first, far) > 1.1 * voxels_read(net, own_far, far)
     assert inference_tile(net, patch, far, in_use=[first]) == own_far
-
-
-def test_one_predictor_reuses_its_tiles_across_scans():
-    torch.manual_seed(0)
-    net = UNet(spatial_dims=2, features=(4, 8, 16), padding="valid", norm="batch").eval()
-    patch = net.valid_input_shape((44, 44))
-    predictor = Predictor(net, patch)
-    with torch.no_grad():
-        for scan in [(70, 53), (61, 55), (67, 45)]:  # alone, each would pick its own tile
-            predictor(torch.randn(1, 1, *scan))
-    assert len({inference_tile(net, patch, scan) for scan in predictor._tiles}) == 3
-    assert len(set(predictor._tiles.values())) == 1
-
-
-@pytest.mark.parametrize("padding", ["same", "valid"])
-def test_fixed_batches_fill_the_last_pass_and_keep_the_logits(padding):
-    """What a network compiled with static shapes needs: one batch shape for every pass."""
-    torch.manual_seed(0)
-    net = UNet(spatial_dims=2, features=(4, 8, 16), padding=padding, norm="batch").eval()
-    patch = (16, 16) if padding == "same" else net.valid_input_shape((44, 44))
-    image = torch.randn(2, 1, 41, 37)
-    sizes: list[int] = []
-    net.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
-    with torch.no_grad():
-        free = Predictor(net, patch, batch_size=3, tile_scale=1.0)(image)
-        assert sizes[-1] < 3  # the windows do not divide into batches of 3
-        sizes.clear()
-        fixed = Predictor(net, patch, batch_size=3, tile_scale=1.0, fixed_batch=True)(image)
-    assert set(sizes) == {3}
-    assert (fixed - free).abs().max().item() < 1e-5

@@ -1,4 +1,4 @@
-"""Per-case Dice with nnU-Net's handling of empty classes, and its aggregation over cases."""
+"""Per-case Dice with nnU-Net's handling of empty classes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from segmentation.evaluation.metrics import case_metrics, mean_per_class
-from segmentation.training.gather import gather_cases
 
 
 def logits_of(prediction: torch.Tensor, classes: int) -> torch.Tensor:
@@ -40,13 +39,3 @@ def test_dice_of_a_partly_found_class_is_the_usual_overlap():
     prediction[..., :1, :] = 1                 # 4 of them
     dice = case_metrics(logits_of(prediction, 2), label)["dice"]
     assert dice.tolist() == [[pytest.approx(2 * 4 / (8 + 4))]]
-
-
-def test_cases_are_deduplicated_and_sorted_and_means_skip_nan():
-    rows = [{"case_id": "b", "dice": [0.5, float("nan")]},
-            {"case_id": "a", "dice": [1.0, 0.25]},
-            {"case_id": "b", "dice": [0.5, float("nan")]}]  # repeated by a padded sampler
-    gathered = gather_cases(rows)
-    assert [row["case_id"] for row in gathered] == ["a", "b"]
-    assert mean_per_class(gathered, "dice", ["x", "y"]) == {"x": 0.75, "y": 0.25}
-    assert mean_per_class([], "dice", ["x"]) == {}

@@ -1,0 +1,76 @@
+"""The Lightning module: learning, checkpoints that rebuild it, dataset checks, compilation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from segmentation import UNet
+from segmentation.data.datamodule import SegmentationDataModule
+from segmentation.inference.checkpoint import load_trained_network
+from segmentation.training.module import SegmentationModule
+
+
+def test_a_network_not_matching_the_dataset_is_refused(tiny3d):
+    """The safety net for networks whose channel arguments have other names."""
+    dm = SegmentationDataModule(str(tiny3d), patch_size=(16, 16, 16), n_folds=2, num_workers=0)
+    dm.setup("fit")
+    module = SegmentationModule(UNet(spatial_dims=3, out_channels=3, features=(4, 8)),
+                                patch_size=(16, 16, 16))
+    with pytest.raises(ValueError, match="set model.net.init_args.out_channels: 4"):
+        module._check_matches_dataset(dm)
+
+
+def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d, tmp_path):
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, out_channels=4, features=(8, 16, 32), deep_supervision=True)
+    dm = SegmentationDataModule(str(tiny3d), n_folds=2, patch_size=(24, 24, 16), batch_size=2,
+                                patches_per_epoch=16, num_workers=0, cache="memory",
+                                augment=False, network=net)
+    module = SegmentationModule(net, patch_size=(24, 24, 16),
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=100)
+    before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/dice"]
+    trainer.fit(module, datamodule=dm)
+    after = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/dice"]
+    assert after > before + 0.2, (before, after)
+    predictions = trainer.predict(module, datamodule=dm)  # the dataset's imagesTs
+    assert len(predictions) == 1 and predictions[0]["case_id"] == ["synth_004"]
+    assert predictions[0]["label"].dtype == torch.uint8
+    assert predictions[0]["label"].max() > 0
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    state = checkpoint["state_dict"]
+    assert state and all(key.startswith("net.") for key in state)  # the network, once
+    meta = checkpoint["segmentation"]
+    assert meta["output_patch_size"] == list(dm.output_size)
+    rebuilt = SegmentationModule.load_from_checkpoint(path, net=copy.deepcopy(module.net))
+    resaved: dict = {}
+    rebuilt.on_save_checkpoint(resaved)  # what saving the loaded module again writes
+    assert resaved["segmentation"] == meta
+    assert rebuilt.preprocessing == dm.preprocessing
+    assert rebuilt.label_names == {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
+    assert list(rebuilt.hparams.patch_size) == [24, 24, 16]
+    net, record = load_trained_network(path)  # what infer rebuilds: no Lightning involved
+    assert record.preprocessing == dm.preprocessing and record.patch_size == (24, 24, 16)
+    x = torch.randn(1, 1, 24, 24, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x), module.eval().net(x))
+
+
+def test_compiled_network_matches_eager_and_keeps_the_state_dict_plain():
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, features=(4, 8), out_channels=3)
+    module = SegmentationModule(net, patch_size=(16, 16, 16), compile=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(x), net(x), atol=1e-5)
+    assert all(key.startswith("net.") for key in module.state_dict())
