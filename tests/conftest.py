@@ -225,10 +225,3 @@ def infer_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_checkpoint(infer_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint trained for one step on ``infer_dataset``, 4 classes."""
     return _train_checkpoint(infer_dataset, tmp_path_factory.mktemp("ckpt") / "model.ckpt")
-
-
-@pytest.fixture(scope="session")
-def trained_ct_checkpoint(infer_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Dataset-level (CT-style) normalisation: a network-input threshold is a raw threshold."""
-    return _train_checkpoint(infer_dataset, tmp_path_factory.mktemp("ckpt") / "ct.ckpt",
-                             normalization="ct")

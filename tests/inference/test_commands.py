@@ -26,7 +26,6 @@ def infer(*args: str) -> int:
     return main(["infer", *args])
 
 
-Z_THRESHOLD = 1.0
 
 
 class LabelOracle:
