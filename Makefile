@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # instead of resolving a multi-GB CUDA build; pyproject's range admits it.
 TORCH ?= torch==2.13.0
 
-.PHONY: test demo lint install clean
+.PHONY: test demo study lint install clean
 
 $(BIN)/segmentation: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: install lint
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# The long-skip ablation in miniature (configs/study/quick.yaml) on the synthetic data, 2 runs
+# at a time on the CPU; the report lands in runs/study/quick/report.md. Not part of `make test`.
+study: install
+	test -f data/synthetic/dataset.json || $(BIN)/segmentation data synth --out data/synthetic
+	$(BIN)/segmentation study run configs/study/quick.yaml --runs-per-device 2
 
 clean:
 	rm -rf $(VENV) runs

@@ -12,6 +12,7 @@ from segmentation import __version__
 from segmentation.data.commands import add_data_commands
 from segmentation.evaluation.commands import add_evaluate_command
 from segmentation.inference.commands import add_infer_command, root_cause
+from segmentation.study.commands import add_study_command
 from segmentation.summary import add_summary_command
 
 LIGHTNING_SUBCOMMANDS = {
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_command(subparsers)
     add_evaluate_command(subparsers)
     add_summary_command(subparsers)
+    add_study_command(subparsers)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The package's layers point one way: nets ← data ← inference/evaluation ← training ← cli."""
+"""The package's layers point one way: nets ← data ← inference, evaluation ← training ← study
+← cli."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ LAYERS = {
     "data": 2,
     "inference": 3, "evaluation": 3,
     "training": 4,
-    "cli": 5, "summary": 5, "plots": 5,
+    "study": 5,
+    "cli": 6, "summary": 6, "plots": 6,
 }
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 

@@ -6,11 +6,14 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
 
 from segmentation.data.layout import (
     DATASET_JSON,
@@ -62,17 +65,27 @@ def find_prediction(predictions: Path, case_id: str, reference: Path) -> Path:
 
 
 def evaluate_folder(predictions: str | Path, references: str | Path,
-                    label_names: Mapping[int, str]) -> list[dict[str, object]]:
-    """Per-case, per-class Dice for every reference label map.
+                    label_names: Mapping[int, str], *, case_ids: Collection[str] | None = None,
+                    hd95: bool = False) -> list[dict[str, object]]:
+    """Per-case, per-class Dice (and HD95) for every reference label map.
 
     Every reference ``CASE.nii.gz`` or ``CASE.nii`` (hidden files such as ``._CASE.nii.gz``
     are skipped) needs a prediction ``CASE.nii.gz`` or ``CASE.nii`` of the same shape and
     affine; a missing prediction is an error, not a skipped case. Background (0) in
     ``label_names`` (value → name) is not scored.
 
+    Args:
+        predictions: folder of predicted label maps.
+        references: folder of reference label maps.
+        label_names: label value → name, background included.
+        case_ids: score only these cases (each needs a reference); default: every reference.
+        hd95: also the 95th-percentile Hausdorff distance in mm (the reference's voxel
+            spacing), as MONAI computes it: NaN or inf where one map lacks the class.
+
     Returns:
         One row per case, cases sorted by file name: {"case_id": str, "dice": one value per
-        foreground class in value order (NaN where the class is in neither map)}.
+        foreground class in value order (NaN where the class is in neither map)} and, with
+        ``hd95``, {"hd95": one value per foreground class}.
 
     Raises:
         DatasetError: naming the folder or file: a folder is missing, the references folder
@@ -87,6 +100,12 @@ def evaluate_folder(predictions: str | Path, references: str | Path,
                              and not f.name.startswith(".") and split_file_ending(f.name))
     if not reference_files:
         raise DatasetError(references, f"no label files ({', '.join(FILE_ENDINGS)}) found")
+    if case_ids is not None:
+        by_id = {split_file_ending(f.name)[0]: f for f in reference_files}  # type: ignore[index]
+        missing = sorted(set(case_ids) - set(by_id))
+        if missing:
+            raise DatasetError(references, f"no reference label map for case {missing[0]}")
+        reference_files = [by_id[c] for c in sorted(case_ids)]
     rows: list[dict[str, object]] = []
     for reference_path in reference_files:
         case_id = split_file_ending(reference_path.name)[0]  # type: ignore[index]
@@ -101,9 +120,33 @@ def evaluate_folder(predictions: str | Path, references: str | Path,
                                                 f"of {reference_path}")
         reference = _voxels(reference_image, reference_path)
         prediction = _voxels(prediction_image, prediction_path)
-        rows.append({"case_id": case_id, "dice": [dice(prediction, reference, value)
-                                                  for value in foreground_values(label_names)]})
+        values = foreground_values(label_names)
+        row: dict[str, object] = {"case_id": case_id, "dice": [
+            dice(prediction, reference, value) for value in values]}
+        if hd95:
+            spacing = [float(z) for z in reference_image.header.get_zooms()[:reference.ndim]]
+            row["hd95"] = hausdorff95(prediction, reference, values, spacing)
+        rows.append(row)
     return rows
+
+
+def hausdorff95(prediction: np.ndarray, reference: np.ndarray, values: Sequence[int],
+                spacing: Sequence[float]) -> list[float]:
+    """MONAI's 95th-percentile Hausdorff distance (mm) of each label value between two maps.
+
+    ``prediction`` and ``reference`` are label maps of one shape; NaN or inf (MONAI's values)
+    where one of them lacks the value.
+    """
+    def masks(labels: np.ndarray) -> torch.Tensor:  # (1, len(values), *S) binary
+        return torch.from_numpy(np.stack([labels == v for v in values])[None])
+
+    with warnings.catch_warnings():  # MONAI warns for every class absent from a map
+        warnings.simplefilter("ignore")
+        distances = compute_hausdorff_distance(masks(np.asarray(prediction)),
+                                               masks(np.asarray(reference)),
+                                               include_background=True, percentile=95,
+                                               spacing=list(spacing))
+    return [float(d) for d in distances[0]]
 
 
 def foreground_values(label_names: Mapping[int, str]) -> list[int]:

@@ -194,3 +194,20 @@ def write_network_checkpoint(path: str | Path, net: nn.Module, record: Checkpoin
                                  for key, value in net.state_dict().items()},
                   RECORD_KEY: record.as_dict()}
     return write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
+
+
+def last_checkpoint_of_run(run_dir: Path) -> Path:
+    """What ``--ckpt_path last`` means: the newest ``last.ckpt`` of any version of a run.
+
+    Lightning would look for it only in this run's new, empty version folder (and, outside
+    ``fit``, go on with untrained weights); the run's earlier versions hold it.
+
+    Raises:
+        ValueError: if no version of the run has a last.ckpt.
+    """
+    candidates = sorted(run_dir.glob("version_*/checkpoints/last*.ckpt"),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ValueError(f"--ckpt_path last: no last.ckpt under {run_dir}/version_*/checkpoints; "
+                         "train first or pass a checkpoint file as --ckpt_path")
+    return candidates[-1]

@@ -16,46 +16,58 @@ from segmentation.nets.spatial import InvalidSizeError, center_crop
 class Decoder(nn.Module):
     """U-Net decoder whose channel counts are read from its encoder.
 
-    At level ``l`` (bottom to top) it upsamples to ``C_l`` channels, concatenates the encoder's
-    level-``l`` map (center-cropped in "valid" mode) when ``long_skips[l]`` is on, and runs a
-    plain block. A level without its skip really has no skip input: its first convolution takes
-    ``C_l`` channels instead of ``2·C_l``.
+    At level ``l`` (bottom to top) it upsamples to ``D_l`` channels, concatenates the encoder's
+    level-``l`` map (``C_l`` channels, center-cropped in "valid" mode) when ``long_skips[l]`` is
+    on, and runs a plain block to ``D_l`` channels. ``D_l`` is the encoder's ``C_l`` unless
+    ``widths`` says otherwise. A level without its skip really has no skip input: its first
+    convolution takes ``D_l`` channels instead of ``C_l + D_l``.
 
     ``long_skips`` has one flag per encoder level except the bottleneck, top first;
-    ``convs_per_level`` is one count for every level; ``upsample`` and ``unit_kwargs`` are as
-    for :class:`~segmentation.nets.unet.UNet` and :class:`Encoder`.
+    ``convs_per_level`` is one count for every level; ``widths`` (one per decoder level, top
+    first, or None) widens or narrows decoder levels, e.g. to give a network without skips the
+    parameters of one with them; ``upsample`` and ``unit_kwargs`` are as for
+    :class:`~segmentation.nets.unet.UNet` and :class:`Encoder`.
     """
 
     def __init__(self, encoder: Encoder, long_skips: Sequence[bool], *, convs_per_level: int,
-                 upsample: str, spatial_dims: int, **unit_kwargs: object) -> None:
+                 upsample: str, spatial_dims: int, widths: Sequence[int] | None = None,
+                 **unit_kwargs: object) -> None:
         super().__init__()
-        channels = encoder.channels
+        skip_channels = encoder.channels
+        levels = len(skip_channels) - 1
         self.long_skips = tuple(bool(s) for s in long_skips)
+        self.channels = tuple(skip_channels[:levels] if widths is None else widths)
+        if len(self.channels) != levels or min(self.channels) < 1:
+            raise ValueError(f"decoder_features needs {levels} widths ≥ 1 (one per decoder "
+                             f"level, top first), got {list(self.channels)}")
+        below = [*self.channels[1:], skip_channels[-1]]  # what reaches level l from below
         bias = bool(unit_kwargs.get("bias", True))
         # Index l of each list belongs to decoder level l (0 = top); the bottleneck has none.
         self.upsamples = nn.ModuleList(
-            layers.upsample(upsample, spatial_dims, channels[level + 1], channels[level],
+            layers.upsample(upsample, spatial_dims, below[level], self.channels[level],
                             bias=bias)
-            for level in range(len(channels) - 1))
+            for level in range(levels))
         self.blocks = nn.ModuleList(
-            PlainBlock(spatial_dims, channels[level] * (2 if self.long_skips[level] else 1),
-                       channels[level], convs_per_level, **unit_kwargs)
-            for level in range(len(channels) - 1))
+            PlainBlock(spatial_dims,
+                       self.channels[level] + (skip_channels[level] if self.long_skips[level]
+                                               else 0),
+                       self.channels[level], convs_per_level, **unit_kwargs)
+            for level in range(levels))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Decode the encoder's ``[(N, C_0, *S_0), ..., (N, C_d, *S_d)]``.
 
-        Returns the output of every decoder level, top first: ``[(N, C_0, *T_0), ...,
-        (N, C_{d-1}, *T_{d-1})]``; ``T_l = S_l`` in "same" mode.
+        Returns the output of every decoder level, top first: ``[(N, D_0, *T_0), ...,
+        (N, D_{d-1}, *T_{d-1})]``; ``T_l = S_l`` in "same" mode, ``D_l = C_l`` by default.
         """
         x = features[-1]                                          # bottleneck (N, C_d, *S_d)
         outputs = []
         for level in reversed(range(len(self.blocks))):
-            x = self.upsamples[level](x)                          # (N, C_l, *2·T_{l+1})
+            x = self.upsamples[level](x)                          # (N, D_l, *2·T_{l+1})
             if self.long_skips[level]:
                 skip = center_crop(features[level], x.shape[2:])  # (N, C_l, *2·T_{l+1})
-                x = torch.cat([skip, x], dim=1)                   # (N, 2·C_l, *2·T_{l+1})
-            x = self.blocks[level](x)                             # (N, C_l, *T_l)
+                x = torch.cat([skip, x], dim=1)                   # (N, C_l + D_l, *2·T_{l+1})
+            x = self.blocks[level](x)                             # (N, D_l, *T_l)
             outputs.append(x)
         return outputs[::-1]
 

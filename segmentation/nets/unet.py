@@ -45,6 +45,10 @@ class UNet(nn.Module):
             ``len(features) − 1``.
         convs_per_level: convolutions per level of a plain encoder (int or one per level).
         decoder_convs_per_level: convolutions per decoder level (one number for all levels).
+        decoder_features: channels per decoder level, top first (``len(features) − 1``
+            values); default: the encoder's ``features`` of the same level. A wider level
+            gives a network without long skips the parameters of one with them (see
+            ``segmentation.nets.capacity.match_decoder_width``).
         padding: "same" (zero-padded convs; any input size, output = input size) or "valid"
             (unpadded convs as in the original U-Net; encoder maps are center-cropped before
             concatenation and the output is smaller than the input).
@@ -74,6 +78,7 @@ class UNet(nn.Module):
         features: Sequence[int] = (32, 64, 128, 256, 320),
         convs_per_level: int | Sequence[int] = 2,
         decoder_convs_per_level: int = 2,
+        decoder_features: Sequence[int] | None = None,
         padding: str = "same",
         long_skips: bool | Sequence[bool] = True,
         encoder_block: str = "plain",
@@ -138,12 +143,13 @@ class UNet(nn.Module):
             downsample=downsample, **unit_kwargs)
         self.decoder = Decoder(
             self.encoder, self.long_skips, upsample=upsample, spatial_dims=spatial_dims,
-            convs_per_level=decoder_convs_per_level,
+            convs_per_level=decoder_convs_per_level, widths=decoder_features,
             **unit_kwargs)
-        self.head = layers.conv(spatial_dims, features[0], out_channels, 1)
+        widths = self.decoder.channels
+        self.head = layers.conv(spatial_dims, widths[0], out_channels, 1)
         # One auxiliary head per decoder level below the top (deep supervision).
         self.aux_heads = nn.ModuleList(
-            layers.conv(spatial_dims, features[level], out_channels, 1)
+            layers.conv(spatial_dims, widths[level], out_channels, 1)
             for level in range(1, self.depth))
         self.aux_heads.requires_grad_(deep_supervision)
         self._init_weights(act)
@@ -320,7 +326,7 @@ class UNet(nn.Module):
         if self.padding == "same":
             x, region = self._pad_to_multiple(x)    # (N, C_in, *P), P multiple of 2**depth
         features = self.encoder(x)                  # [(N, C_l, *S_l)] for l = 0 … depth
-        decoded = self.decoder(features)            # [(N, C_l, *T_l)] for l = 0 … depth − 1
+        decoded = self.decoder(features)            # [(N, D_l, *T_l)] for l = 0 … depth − 1
         logits = self.head(decoded[0])              # (N, out_channels, *T_0)
         if region is not None:
             logits = logits[tuple(region)]          # (N, out_channels, *S)

@@ -1,8 +1,9 @@
-"""Checkpoint callback for resumable runs."""
+"""Callbacks added to every run: resumable checkpoints, peak GPU memory."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 
@@ -28,3 +29,16 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if not self._should_skip_saving_checkpoint(trainer):  # also: saved at this step
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class PeakMemory(pl.Callback):
+    """Logs ``memory/peak_gib``, the most GPU memory allocated so far, at every epoch end.
+
+    Nothing is logged on the CPU (the host's peak is the process's maximum resident size).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the peak allocation of this process's GPU."""
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            pl_module.log("memory/peak_gib", peak, reduce_fx="max", sync_dist=True)

@@ -26,8 +26,13 @@ from torch import nn
 from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.data.layout import read_dataset
 from segmentation.data.splits import ALL_FOLD
-from segmentation.inference.checkpoint import CheckpointError, network_weights, read_checkpoint
-from segmentation.training.callbacks import LastCheckpoint
+from segmentation.inference.checkpoint import (
+    CheckpointError,
+    last_checkpoint_of_run,
+    network_weights,
+    read_checkpoint,
+)
+from segmentation.training.callbacks import LastCheckpoint, PeakMemory
 from segmentation.training.module import SegmentationModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -82,23 +87,6 @@ def next_version(run_dir: Path) -> str:
     numbers = [int(p.name.split("_")[1]) for p in run_dir.glob("version_*")
                if p.name.split("_")[1].isdigit()]
     return f"version_{max(numbers, default=-1) + 1}"
-
-
-def last_checkpoint_of_run(run_dir: Path) -> Path:
-    """What ``--ckpt_path last`` means: the newest ``last.ckpt`` of any version of a run.
-
-    Lightning would look for it only in this run's new, empty version folder (and, outside
-    ``fit``, go on with untrained weights); the run's earlier versions hold it.
-
-    Raises:
-        ValueError: if no version of the run has a last.ckpt.
-    """
-    candidates = sorted(run_dir.glob("version_*/checkpoints/last*.ckpt"),
-                        key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ValueError(f"--ckpt_path last: no last.ckpt under {run_dir}/version_*/checkpoints; "
-                         "train first or pass a checkpoint file as --ckpt_path")
-    return candidates[-1]
 
 
 def check_weights_fit(path: str | Path, weights: dict[str, Any], net: nn.Module) -> None:
@@ -195,7 +183,8 @@ class SegmentationCLI(LightningCLI):
         as it is and still gets a fresh folder. Added callbacks: checkpoints (best by val/dice,
         and last), a rich progress bar (unless ``--trainer.enable_progress_bar false``) and,
         when there is a logger (not with ``--trainer.logger false``), learning-rate logging; a
-        callback type the config already names is not added twice.
+        callback type the config already names is not added twice; peak GPU memory is logged
+        with the learning rate.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path"):  # before any run folder exists
@@ -223,7 +212,7 @@ class SegmentationCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is not False:  # Lightning refuses a bar when off
             extra.append(RichProgressBar())
         if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
-            extra.append(LearningRateMonitor(logging_interval="step"))
+            extra += [LearningRateMonitor(logging_interval="step"), PeakMemory()]
         configured = trainer.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         kinds = {type(c) for c in configured}

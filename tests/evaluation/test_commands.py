@@ -141,3 +141,27 @@ def test_evaluate_refuses_to_report_a_mean_dice_of_nothing(evaluation, capsys):
     captured = capsys.readouterr()
     assert "nan" not in captured.out and captured.out == ""
     assert captured.err.startswith(f"error: {refs}: no foreground class of dataset.json")
+
+
+def test_evaluate_folder_scores_chosen_cases_with_hd95_in_millimetres(evaluation):
+    from segmentation.data.layout import DatasetError
+    from segmentation.evaluation.commands import evaluate_folder
+
+    _, refs, preds = evaluation
+    reference = np.zeros((12, 12, 12))
+    reference[2:6, 2:6, 2:6] = 1
+    prediction = reference.copy()
+    prediction[6:8, 2:6, 2:6] = 1  # the organ 2 voxels too long along the first axis
+    spacing = np.diag([2.0, 1.0, 1.0, 1.0])  # 2 mm along that axis
+    for case in ("a", "b"):
+        write_label(refs / f"{case}.nii.gz", reference, spacing)
+        write_label(preds / f"{case}.nii.gz", prediction, spacing)
+    names = {0: "background", 1: "organ", 2: "lesion"}
+    rows = evaluate_folder(preds, refs, names, case_ids=["b"], hd95=True)
+    assert [row["case_id"] for row in rows] == ["b"]
+    organ, lesion = rows[0]["hd95"]
+    assert organ == pytest.approx(4.0)  # 2 voxels × 2 mm
+    assert np.isnan(lesion)  # in neither map
+    assert np.isnan(rows[0]["dice"][1])
+    with pytest.raises(DatasetError, match="no reference label map for case c"):
+        evaluate_folder(preds, refs, names, case_ids=["c"])

@@ -194,3 +194,16 @@ def test_kaiming_initialisation():
     conv = net.encoder.levels[1][1][0]  # 128 -> 128, 3x3: fan_in = 1152
     assert conv.weight.std().item() == pytest.approx((2 / 1152) ** 0.5, rel=0.05)
     assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_variants_without_skips_start_from_the_same_encoder_weights():
+    """Seeded alike, networks that differ only in their skips get identical encoders (the
+    study's "same initial state where the architecture allows")."""
+    nets = []
+    for skips in (True, False, [False, True]):
+        torch.manual_seed(3)
+        nets.append(UNet(spatial_dims=2, features=(4, 8, 16), long_skips=skips))
+    reference = nets[0].encoder.state_dict()
+    for net in nets[1:]:
+        for key, tensor in net.encoder.state_dict().items():
+            assert torch.equal(tensor, reference[key]), key
