@@ -1,5 +1,5 @@
-"""The package's layers point one way: nets ← data ← inference, evaluation ← training ← study
-← cli."""
+"""The package's layers point one way: nets ← data ← inference, evaluation ← training ←
+instruments ← study ← cli."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ LAYERS = {
     "data": 2,
     "inference": 3, "evaluation": 3,
     "training": 4,
-    "study": 5,
-    "cli": 6, "summary": 6, "plots": 6,
+    "instruments": 5,
+    "study": 6,
+    "cli": 7, "summary": 7, "plots": 7,
 }
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 

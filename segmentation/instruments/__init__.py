@@ -1,0 +1,1 @@
+"""Instruments that show why a network trains as it does: gradient flow, loss landscapes."""
