@@ -25,6 +25,14 @@ two minutes on two cores; --large on the CPU takes about six minutes more (294 w
 Peak memory: torch.cuda.max_memory_allocated per method on a GPU; on
 the CPU the process's peak resident set size so far (it only grows, so read it as an upper
 bound for each method).
+
+--gradient-flow times training instead of inference: steps of the quickstart-sized 3D U-Net
+(8..64 channels, deep supervision, 48×48×32 patches, batch 2, AdamW, clipping at 12) in a plain
+Lightning Trainer fit without and with the GradientFlow callback at the interval samples=200
+gives for the benchmarked length (every step for fewer than 400 steps), and the time spent in
+the callback per record, from which the overhead at any interval follows:
+overhead = record cost / (every_n_steps × step time). About 2 minutes on two CPU cores:
+    python scripts/benchmark.py --gradient-flow [--gradient-flow-steps 12]
 """
 
 from __future__ import annotations
@@ -103,10 +111,21 @@ def main() -> None:
     parser.add_argument("--valid", action=argparse.BooleanOptionalAction, default=True,
                         help="also time overlap-tile with a valid network trained on --roi "
                              "patches (3 poolings on a GPU, 2 on the CPU)")
+    parser.add_argument("--gradient-flow", action="store_true",
+                        help="instead of inference, time training steps without and with the "
+                             "GradientFlow callback and report its cost per record")
+    parser.add_argument("--gradient-flow-steps", type=int, default=12,
+                        help="--gradient-flow: optimizer steps per timed fit (default 12)")
+    parser.add_argument("--gradient-flow-patch", type=int, nargs=3, default=(48, 48, 32),
+                        help="--gradient-flow: training patch (default 48 48 32, the quickstart's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = True  # for both methods alike, as `segmentation infer` does
+    if args.gradient_flow:
+        gradient_flow_overhead(device, args.gradient_flow_steps, tuple(args.gradient_flow_patch),
+                               dtype=args.dtype or ("bf16" if gpu else "fp32"))
+        return
     volume = tuple(args.volume or ((256,) * 3 if gpu else (96,) * 3))
     roi = tuple(args.roi or ((128,) * 3 if gpu else (64,) * 3))
     dtype = args.dtype or ("bf16" if gpu else "fp32")
@@ -265,6 +284,118 @@ def _large_volume_child(device_name: str, shape: tuple[int, ...], overlap: float
               "output_shape_matches": tuple(mask.shape) == shape,
               "output_affine_matches": bool(np.allclose(mask.affine, affine)),
               **{**common, "roi": window, "volume": shape}})
+
+
+# Runs of this length, and the interval GradientFlow's default samples=200 gives them.
+REFERENCE_RUNS = {"quickstart (1000 steps)": 1000, "nnU-Net (250000 steps)": 250_000}
+
+
+def gradient_flow_overhead(device: torch.device, steps: int, patch: tuple[int, ...], *,
+                           dtype: str = "fp32", batch_size: int = 2, samples: int = 200,
+                           features: tuple[int, ...] = (8, 16, 32, 64)) -> None:
+    """Training-step time without and with GradientFlow, and the callback's cost per record.
+
+    Both fits start from the same weights on the same random patches, after an untimed
+    warm-up fit. A step's time is the interval between consecutive batch starts (forward,
+    backward, optimizer, every hook), median over the steps after the first. The record cost
+    is the time spent in the callback's hooks per record (measured in them, so it does not
+    drown in the step time's noise); the npz write, once per epoch, is reported apart.
+    """
+    import pytorch_lightning as pl
+
+    from segmentation.training.gradient_flow import GradientFlow, record_interval
+    from segmentation.training.module import SegmentationModule
+
+    class StepClock(pl.Callback):
+        """perf_counter at every batch start."""
+
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, *args: object) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.starts.append(time.perf_counter())
+
+        def median_step(self) -> float:
+            return float(np.median(np.diff(self.starts)[1:]))  # the first step warms up
+
+    class TimedGradientFlow(GradientFlow):
+        """GradientFlow that times its own hooks."""
+
+        def __init__(self, **kwargs: object) -> None:
+            super().__init__(**kwargs)
+            self.record_seconds: list[float] = []
+            self.write_seconds: list[float] = []
+            self._started = 0.0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            start = time.perf_counter()
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            self._started = time.perf_counter() - start  # what the after-step hook adds to
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            recorded = len(self._rows)
+            start = time.perf_counter()
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if len(self._rows) > recorded:  # a record was completed
+                self.record_seconds.append(self._started + time.perf_counter() - start)
+
+        def _write(self, summary: bool = False) -> None:
+            start = time.perf_counter()
+            super()._write(summary)
+            self.write_seconds.append(time.perf_counter() - start)
+
+    generator = torch.Generator().manual_seed(0)
+    pool = [{"image": torch.randn(1, *patch, generator=generator),
+             "label": torch.randint(0, 4, (1, *patch), generator=generator)} for _ in range(4)]
+    precision = "bf16-mixed" if dtype == "bf16" else "32-true"
+
+    def timed_fit(fit_steps: int, callback: GradientFlow | None, root: str) -> StepClock:
+        torch.manual_seed(0)
+        net = UNet(spatial_dims=3, in_channels=1, out_channels=4, features=list(features),
+                   deep_supervision=True)
+        module = SegmentationModule(net, optimizer=lambda params: torch.optim.AdamW(
+            params, lr=3e-3, weight_decay=1e-4))
+        clock = StepClock()
+        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision,
+                             max_steps=fit_steps, gradient_clip_val=12, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0,
+                             default_root_dir=root,
+                             callbacks=[clock, *([callback] if callback else [])])
+        data = [pool[i % len(pool)] for i in range(fit_steps * batch_size)]
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(
+            data, batch_size=batch_size))
+        return clock
+
+    interval = record_interval(steps, samples)
+    with tempfile.TemporaryDirectory() as root:
+        timed_fit(2, None, root)  # warm-up: allocator, oneDNN/cuDNN kernels
+        without = timed_fit(steps, None, root).median_step()
+        flow = TimedGradientFlow(samples=samples)
+        with_flow = timed_fit(steps, flow, root).median_step()
+    common = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else "cpu"),
+              "features": list(features), "patch": list(patch), "batch_size": batch_size,
+              "optimizer": "AdamW", "dtype": dtype, "steps": steps, "torch": torch.__version__}
+    emit({"benchmark": "gradient_flow_training_step", "method": "without_gradient_flow",
+          "median_step_seconds": round(without, 4), **common})
+    emit({"benchmark": "gradient_flow_training_step", "method": "with_gradient_flow",
+          "every_n_steps": interval, "records": len(flow.record_seconds),
+          "median_step_seconds": round(with_flow, 4), **common})
+    record = float(np.median(flow.record_seconds))
+    at_interval = {f"every {n} steps": n for n in (interval, 5, 50, 1250)}
+    emit({"benchmark": "gradient_flow_training_step", "method": "overhead",
+          "record_seconds": round(record, 5),
+          "write_seconds": round(float(np.median(flow.write_seconds)), 5),
+          "step_seconds": round(without, 4),
+          "measured_step_overhead_percent": round(100 * (with_flow - without) / without, 2),
+          "overhead_percent": {name: round(100 * record / (n * without), 4)
+                               for name, n in at_interval.items()},
+          "default_interval": {name: record_interval(length, samples)
+                               for name, length in REFERENCE_RUNS.items()},
+          **common})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from segmentation import __version__
 from segmentation.data.commands import add_data_commands
 from segmentation.evaluation.commands import add_evaluate_command
 from segmentation.inference.commands import add_infer_command, root_cause
+from segmentation.instruments.landscape_command import add_landscape_command
+from segmentation.instruments.plot_command import add_plot_command
 from segmentation.study.commands import add_study_command
 from segmentation.summary import add_summary_command
 
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(subparsers)
     add_summary_command(subparsers)
     add_study_command(subparsers)
+    add_landscape_command(subparsers)
+    add_plot_command(subparsers)
     return parser
 
 

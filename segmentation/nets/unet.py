@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -95,6 +96,9 @@ class UNet(nn.Module):
         init_args = {k: (list(v) if isinstance(v, tuple | list) else v)
                      for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        # Drawn before any layer exists, so the global RNG is in the same state for every
+        # network built after the same seed, whatever layers follow (see _init_weights).
+        init_seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         # The arguments that rebuild this network, as a config would name them.
         cls = type(self)
         class_path = ("segmentation.UNet" if cls is UNet
@@ -152,20 +156,29 @@ class UNet(nn.Module):
             layers.conv(spatial_dims, widths[level], out_channels, 1)
             for level in range(1, self.depth))
         self.aux_heads.requires_grad_(deep_supervision)
-        self._init_weights(act)
+        self._init_weights(act, init_seed)
 
-    def _init_weights(self, act: str) -> None:
+    def _init_weights(self, act: str, seed: int) -> None:
         """He (Kaiming) normal initialisation of every convolution, zero biases.
 
-        ``act`` is the activation's checked (lower-case) name; "leakyrelu" sets the slope.
+        Each convolution draws from a generator of its own, seeded with ``seed`` and the
+        convolution's name. Networks built after the same global seed that differ in some
+        layers (a level without its skip, a wider decoder level) therefore start every layer
+        they share, same name and shape, from identical weights: an ablation compares the
+        architectures, not their random draws. ``act`` is the activation's checked name;
+        "leakyrelu" sets the slope.
         """
         slope = layers.LEAKY_SLOPE if act == "leakyrelu" else 0.0
-        for module in self.modules():
-            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d
-                          | nn.ConvTranspose3d):
-                nn.init.kaiming_normal_(module.weight, a=slope, nonlinearity="leaky_relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d
+                              | nn.ConvTranspose3d) or module.weight.is_meta:
+                continue
+            generator = torch.Generator(module.weight.device)
+            generator.manual_seed(seed ^ zlib.crc32(name.encode()))
+            nn.init.kaiming_normal_(module.weight, a=slope, nonlinearity="leaky_relu",
+                                    generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def num_parameters(self, include_aux_heads: bool | None = None) -> int:
         """Number of parameters.

@@ -207,3 +207,9 @@ def test_variants_without_skips_start_from_the_same_encoder_weights():
     for net in nets[1:]:
         for key, tensor in net.encoder.state_dict().items():
             assert torch.equal(tensor, reference[key]), key
+    # dropping the uppermost skip changes decoder level 0 only: level 1 starts alike too
+    no_top, full = nets[2].decoder, nets[0].decoder
+    assert torch.equal(no_top.blocks[1][0][0].weight, full.blocks[1][0][0].weight)
+    assert not torch.equal(no_top.blocks[0][1][0].weight, torch.zeros_like(
+        no_top.blocks[0][1][0].weight))
+    assert torch.equal(no_top.blocks[0][1][0].weight, full.blocks[0][1][0].weight)  # same shape

@@ -78,3 +78,10 @@ def test_study_run_refuses_in_one_line_and_starts_nothing(write_study, tmp_path,
     assert err.startswith("error: ") and "\n" not in err
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "runs").exists()  # no study folder, no run
+
+
+def test_study_report_refuses_a_folder_without_a_study(tmp_path, capsys):
+    assert main(["study", "report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path}: not a study folder (no study.json and plan.json); " \
+                  "`segmentation study run STUDY.yaml` makes one"
