@@ -4,8 +4,9 @@ Reads a study folder (:mod:`segmentation.study.inputs`), analyses it per split
 (:mod:`segmentation.study.analysis`) and writes ``report.md``
 (:mod:`segmentation.study.markdown`), ``summary.csv``, ``comparisons.csv``, ``costs.csv``
 (:mod:`segmentation.study.tables`) and the plots (:mod:`segmentation.study.figures`) into the
-folder. :meth:`StudyReport.print` shows compact tables on the console
-(:mod:`segmentation.study.console`).
+folder, with a training-dynamics section (gradient flow, loss landscapes) where the runs
+recorded them (:mod:`segmentation.study.dynamics`). :meth:`StudyReport.print` shows compact
+tables on the console (:mod:`segmentation.study.console`).
 
 Only the results of runs that ``runs.csv`` marks ``done`` are used (a run missing from
 ``runs.csv`` counts as done if it has results). Each variant is compared with its own reference
@@ -42,6 +43,7 @@ from segmentation.study.console import (
     compact_missing,
     compact_summary,
 )
+from segmentation.study.dynamics import dynamics_section
 from segmentation.study.inputs import (
     CURVES_FILE,
     DONE,
@@ -211,6 +213,10 @@ def write_report(study_dir: str | Path, *, resamples: int = 10_000, seed: int = 
         images = _plots(study_dir, plan, splits, comparisons, bands)
         report.files += [study_dir / name for names in images.values() for name in names]
     markdown = render_markdown(report, resamples=resamples, seed=seed, images=images)
+    dynamics = dynamics_section(study_dir, plan.variants, plan.seeds, plan.folds, plots=plots)
+    if dynamics.lines:
+        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(dynamics.lines).rstrip() + "\n"
+        report.files += dynamics.files
     (study_dir / REPORT_FILE).write_text(markdown)
     report.files.append(study_dir / REPORT_FILE)
     return report

@@ -103,6 +103,14 @@ def run_study(args: argparse.Namespace) -> int:
         failed = run_on_slurm(plan, todo, args, console)
         if failed is None:  # submitted without waiting
             return 0
+    if spec.landscape is not None:
+        from segmentation.study.dynamics import first_cells, measure_landscapes
+
+        cells = first_cells(plan.directory, [v.name for v in spec.variants], spec.seeds,
+                            plan.folds)
+        measure_landscapes(cells, plan.directory, spec.landscape,
+                           say=lambda message: console.print(message, markup=False,
+                                                             highlight=False))
     report_study(plan.directory, console, resamples=args.resamples)
     if failed:
         console.print(f"{failed} run(s) failed; fix the cause and run the same command again "

@@ -20,6 +20,7 @@ Example (``configs/study/quick.yaml``)::
     folds: [0, 1, 2, 3, 4]                 # default: every fold of data.n_folds
     gpus_per_run: 1                        # >1: each run trains with Lightning DDP
     slurm: {partition: gpu, timeout_min: 1440, cpus_per_task: 8, mem_gb: 64}
+    landscape: {dims: 2, steps: 9, patches: 4}  # loss landscapes of seed 0, fold 0 (optional)
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import yaml
 
 MATCH_KEY, REFERENCE_KEY = "match_parameters", "reference"  # in a variant: not config keys
 TOP_LEVEL_KEYS = ("name", "description", "configs", "overrides", "variants", "reference",
-                  "seeds", "folds", "gpus_per_run", "runs_dir", "slurm")
+                  "seeds", "folds", "gpus_per_run", "runs_dir", "slurm", "landscape")
+LANDSCAPE_KEYS = ("dims", "steps", "range", "patches", "seed")
 SLURM_KEYS = ("partition", "timeout_min", "cpus_per_task", "mem_gb", "array_parallelism",
               "account", "qos", "constraint", "additional_parameters")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a variant name is a folder name
@@ -76,6 +78,7 @@ class StudySpec:
     gpus_per_run: int = 1
     runs_dir: Path = Path("runs/study")
     slurm: dict[str, Any] = field(default_factory=dict)
+    landscape: dict[str, Any] | None = None
 
     def variant(self, name: str) -> Variant:
         """The variant called ``name``."""
@@ -164,13 +167,20 @@ def load_study(path: str | Path) -> StudySpec:
     bad = sorted(set(slurm) - set(SLURM_KEYS))
     if bad:
         raise fail(f"slurm: unknown key {bad[0]!r}; known: {', '.join(SLURM_KEYS)}")
+    landscape = raw.get("landscape")
+    if landscape is not None:
+        if not isinstance(landscape, dict):
+            raise fail("landscape must be a mapping, e.g. {dims: 2, steps: 9, patches: 4}")
+        bad = sorted(set(landscape) - set(LANDSCAPE_KEYS))
+        if bad:
+            raise fail(f"landscape: unknown key {bad[0]!r}; known: {', '.join(LANDSCAPE_KEYS)}")
     name = str(raw.get("name") or path.stem)
     if not _NAME.match(name):
         raise fail(f"name {name!r} must be usable as a folder name (letters, digits, _.+-)")
     return StudySpec(path=path, name=name, configs=configs, overrides=overrides,
                      variants=variants, reference=reference, seeds=seeds, folds=folds,
                      gpus_per_run=gpus, runs_dir=Path(raw.get("runs_dir") or "runs/study"),
-                     slurm=dict(slurm))
+                     slurm=dict(slurm), landscape=landscape)
 
 
 def _configs(value: Any, path: Path, fail: Any) -> tuple[Path, ...]:

@@ -41,6 +41,7 @@ def test_quick_study_compares_all_none_and_no_top_with_two_seeds():
     ("variants: {a: {}}\nfolds: [0, 0]", "folds lists 0 twice"),
     ("variants: {a: {}}\ngpus_per_run: 0", "gpus_per_run must be an integer ≥ 1"),
     ("variants: {a: {}}\nslurm: {partitoin: gpu}", "slurm: unknown key 'partitoin'"),
+    ("variants: {a: {}}\nlandscape: {stepz: 3}", "landscape: unknown key 'stepz'"),
     ("variants: {a: {}}\nvariantz: {}", "unknown key 'variantz'"),
     ("variants: {'a/b': {}}", "must be usable as a folder name"),
     ("variants: [a, b", "at line"),
