@@ -6,9 +6,10 @@ and preprocessing results, segmentations and provenance.json.
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -41,6 +42,18 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     """Write a UTF-8 text file atomically (see :func:`write_atomic`); returns ``path``."""
     return write_atomic(path, lambda temporary: Path(temporary).write_text(text,
                                                                            encoding="utf-8"))
+
+
+def write_csv_atomic(path: str | Path, header: Sequence[str],
+                     rows: Iterable[Sequence[object]]) -> Path:
+    """Write a CSV table (header, then rows, Unix line ends) atomically; returns ``path``."""
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def _umask() -> int:

@@ -24,6 +24,7 @@ import torch
 from jsonargparse import Namespace
 from torch.utils.flop_counter import FlopCounterMode
 
+import segmentation.config
 from segmentation.nets.unet import UNet
 from segmentation.training.cli import SegmentationCLI, channels_from_dataset, namespace_to_dict
 
@@ -133,21 +134,17 @@ def network_size(config: Mapping[str, Any]) -> NetworkSize:
 def build_network(config: Mapping[str, Any], **changes: Any) -> torch.nn.Module:
     """``model.net`` of a parsed config, built on the meta device, with ``changes`` applied."""
     net = config["model"]["net"]
-    module, _, name = net["class_path"].rpartition(".")
-    cls = getattr(__import__(module, fromlist=[name]), name)
+    spec = {"class_path": net["class_path"], "init_args": {**net.get("init_args", {}), **changes}}
     with torch.device("meta"):
-        return cls(**{**net.get("init_args", {}), **changes})
+        return segmentation.config.build_network(spec)
 
 
 def net_init_args(config: Mapping[str, Any]) -> dict[str, Any]:
     """``model.net.init_args`` of a parsed config (refuses networks other than UNet)."""
-    net = config["model"]["net"]
-    module, _, name = net["class_path"].rpartition(".")
-    cls = getattr(__import__(module, fromlist=[name]), name)
-    if not (isinstance(cls, type) and issubclass(cls, UNet)):
-        raise ValueError(f"capacity matching widens a segmentation.UNet decoder; model.net is "
-                         f"{net['class_path']}")
-    return dict(net.get("init_args", {}))
+    if not isinstance(build_network(config), UNet):
+        raise ValueError("capacity matching widens a segmentation.UNet decoder; model.net is "
+                         f"{config['model']['net']['class_path']}")
+    return dict(config["model"]["net"].get("init_args", {}))
 
 
 def config_paths(configs: Sequence[Path]) -> list[str]:

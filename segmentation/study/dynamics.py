@@ -82,8 +82,9 @@ def measure_landscapes(cells: Mapping[str, Cell], directory: Path, settings: Map
                           settings={"variant": variant, "run": str(cell.directory),
                                     "loss": inputs.loss_name})
         measured.append(variant)
-        del inputs
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        del inputs  # one network at a time on the device
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return measured
 
 

@@ -9,11 +9,10 @@ Dice over training steps). Only runs marked done with the plan's settings contri
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from segmentation.atomic import write_atomic
+from segmentation.atomic import write_csv_atomic
 from segmentation.study.folders import (
     DONE_JSON,
     FAILED_JSON,
@@ -72,9 +71,9 @@ def collect(study_dir: str | Path) -> dict[str, int]:
         runs.append([*key, state, record.get("params"), record.get("flops_per_patch"),
                      done.get("train_seconds", ""), peak or "", done.get("device", ""), error])
         curves += [[*key, step, dice] for step, dice in validation_curve(cell.directory)]
-    _write(study_dir / RESULTS_CSV, RESULT_COLUMNS, results)
-    _write(study_dir / RUNS_CSV, RUN_COLUMNS, runs)
-    _write(study_dir / CURVES_CSV, CURVE_COLUMNS, curves)
+    write_csv_atomic(study_dir / RESULTS_CSV, RESULT_COLUMNS, results)
+    write_csv_atomic(study_dir / RUNS_CSV, RUN_COLUMNS, runs)
+    write_csv_atomic(study_dir / CURVES_CSV, CURVE_COLUMNS, curves)
     return states
 
 
@@ -88,13 +87,3 @@ def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
                     points[int(row["step"])] = float(row["val/dice"])
     return sorted(points.items())
 
-
-def _write(path: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A CSV table, written atomically."""
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            writer.writerows(rows)
-
-    write_atomic(path, write)

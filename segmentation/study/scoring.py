@@ -14,7 +14,7 @@ import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from segmentation.atomic import write_atomic
+from segmentation.atomic import write_csv_atomic
 from segmentation.data.layout import Case, DatasetInfo, read_dataset
 from segmentation.data.splits import fold_cases, load_or_create_splits
 from segmentation.evaluation.commands import evaluate_folder, foreground_values
@@ -94,13 +94,7 @@ def labelled_test_cases(info: DatasetInfo) -> list[Case]:
 
 def write_scores(path: Path, rows: Sequence[dict[str, object]]) -> Path:
     """The rows of :func:`score_run` as CSV (atomically)."""
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SCORE_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return write_atomic(path, write)
+    return write_csv_atomic(path, SCORE_COLUMNS, ([row[c] for c in SCORE_COLUMNS] for row in rows))
 
 
 def read_scores(path: Path) -> list[dict[str, str]]:

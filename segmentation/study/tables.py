@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from segmentation.atomic import write_csv_atomic
 from segmentation.study.analysis import NO_RESULTS, Comparison, Cost, SummaryRow
 from segmentation.study.inputs import Run, StudyPlan
 
@@ -141,34 +141,30 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
     return lines
 
 
-def _write_csv(path: Path, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(headers)
-        writer.writerows(rows)
-    return path
+SUMMARY_COLUMNS = ("split", "variant", "class", "n_cases", "mean_dice", "ci_low", "ci_high",
+                   "sd_over_seeds", "median_hd95", "hd95_inf", "hd95_nan", "note")
+COMPARISON_COLUMNS = ("split", "variant", "reference", "class", "n_pairs", "mean_difference",
+                      "ci_low", "ci_high", "wilcoxon_p", "holm_p", "wins", "ties", "losses",
+                      "verdict")
+COST_COLUMNS = ("variant", "runs_done", "runs_planned", "params_min", "params_max",
+                "flops_per_patch_min", "flops_per_patch_max", "mean_train_seconds",
+                "max_peak_memory_mb", "devices")
 
 
 def write_summary_csv(path: Path, rows: Sequence[SummaryRow]) -> Path:
     """``summary.csv``: one row per split, variant and class."""
-    return _write_csv(path, ["split", "variant", "class", "n_cases", "mean_dice", "ci_low",
-                             "ci_high", "sd_over_seeds", "median_hd95", "hd95_inf", "hd95_nan",
-                             "note"],
-                      ([r.split, r.variant, r.cls, r.n_cases, csv_number(r.mean),
-                        csv_number(r.low), csv_number(r.high), csv_number(r.sd_seeds),
-                        csv_number(r.hd95_median, ".4f"), r.hd95_inf, r.hd95_nan, r.note]
-                       for r in rows))
+    return write_csv_atomic(path, SUMMARY_COLUMNS, (
+        [r.split, r.variant, r.cls, r.n_cases, csv_number(r.mean), csv_number(r.low),
+         csv_number(r.high), csv_number(r.sd_seeds), csv_number(r.hd95_median, ".4f"),
+         r.hd95_inf, r.hd95_nan, r.note] for r in rows))
 
 
 def write_comparisons_csv(path: Path, rows: Sequence[Comparison]) -> Path:
     """``comparisons.csv``: one row per split, compared variant (with its reference) and class."""
-    return _write_csv(path, ["split", "variant", "reference", "class", "n_pairs",
-                             "mean_difference", "ci_low", "ci_high", "wilcoxon_p", "holm_p",
-                             "wins", "ties", "losses", "verdict"],
-                      ([r.split, r.variant, r.reference, r.cls, r.n_pairs,
-                        csv_number(r.difference), csv_number(r.low), csv_number(r.high),
-                        csv_number(r.p, ".6g"), csv_number(r.holm_p, ".6g"), r.wins, r.ties,
-                        r.losses, r.verdict] for r in rows))
+    return write_csv_atomic(path, COMPARISON_COLUMNS, (
+        [r.split, r.variant, r.reference, r.cls, r.n_pairs, csv_number(r.difference),
+         csv_number(r.low), csv_number(r.high), csv_number(r.p, ".6g"),
+         csv_number(r.holm_p, ".6g"), r.wins, r.ties, r.losses, r.verdict] for r in rows))
 
 
 def write_costs_csv(path: Path, costs: Sequence[Cost]) -> Path:
@@ -176,10 +172,7 @@ def write_costs_csv(path: Path, costs: Sequence[Cost]) -> Path:
     def ends(values: tuple[float, float] | None) -> list[str]:
         return ["", ""] if values is None else [csv_number(v, ".0f") for v in values]
 
-    return _write_csv(path, ["variant", "runs_done", "runs_planned", "params_min", "params_max",
-                             "flops_per_patch_min", "flops_per_patch_max", "mean_train_seconds",
-                             "max_peak_memory_mb", "devices"],
-                      ([c.variant, c.runs_done, c.runs_planned, *ends(c.params),
-                        *ends(c.flops_per_patch), csv_number(c.mean_train_seconds, ".1f"),
-                        csv_number(c.max_peak_memory_mb, ".1f"), ";".join(c.devices)]
-                       for c in costs))
+    return write_csv_atomic(path, COST_COLUMNS, (
+        [c.variant, c.runs_done, c.runs_planned, *ends(c.params), *ends(c.flops_per_patch),
+         csv_number(c.mean_train_seconds, ".1f"), csv_number(c.max_peak_memory_mb, ".1f"),
+         ";".join(c.devices)] for c in costs))
