@@ -104,7 +104,7 @@ def make_plan(spec: StudySpec, directory: Path | None = None, *, require_data: b
         classes = [info.label_names[v] for v in info.foreground_labels]
     except (OSError, ValueError) as error:
         if require_data:
-            raise StudyError(f"{spec.path}: data.root {root}: {error}; create the dataset "
+            raise StudyError(f"{spec.path}: data.root: {error}; create the dataset "
                              "first (e.g. segmentation data synth --out data/synthetic)") from None
         classes = []
     variants = {}

@@ -85,9 +85,9 @@ def make_executor(folder: Path, parameters: Mapping[str, Any], cluster: str | No
     """A submitit executor (SLURM when sbatch exists, ``cluster`` forces one, e.g. "slurm")."""
     try:
         import submitit
-    except ImportError as error:
+    except ImportError:
         raise ValueError("--executor slurm needs submitit: pip install "
-                         "'segmentation[cluster]'") from error
+                         "'segmentation[cluster]'") from None
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     executor.update_parameters(**parameters)
     return executor

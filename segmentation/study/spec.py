@@ -123,12 +123,12 @@ def load_study(path: str | Path) -> StudySpec:
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader)
     except OSError as error:
-        raise StudyError(f"{path}: cannot be read ({error.strerror or error})") from error
+        raise StudyError(f"{path}: cannot be read ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise StudyError(f"{path}: {problem}{line}") from error
+        raise StudyError(f"{path}: {problem}{line}") from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: a study is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
 

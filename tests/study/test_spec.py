@@ -86,3 +86,15 @@ def test_study_report_refuses_a_folder_without_a_study(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path}: not a study folder (no study.json and plan.json); " \
                   "`segmentation study run STUDY.yaml` makes one"
+
+
+def test_unreadable_study_files_are_one_line_through_the_command(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert main(["study", "run", str(missing)]) == 1
+    assert capsys.readouterr().err.strip() == \
+        f"error: {missing}: cannot be read (No such file or directory)"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("variants: {a: {}, a: {}}\n")
+    assert main(["study", "run", str(twice)]) == 1
+    assert capsys.readouterr().err.strip() == \
+        f"error: {twice}: duplicate key 'a' (a variant name or config key given twice) at line 1"
