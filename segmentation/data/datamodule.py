@@ -111,6 +111,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.info: DatasetInfo | None = None
         self.train_cases: list[Case] = []
         self.val_cases: list[Case] = []
+        self.predict_transform: Compose | None = None  # set by predict_dataloader
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -244,8 +245,14 @@ class SegmentationDataModule(pl.LightningDataModule):
                              "scans with `segmentation infer` and score them with `evaluate`")
         return self.val_dataloader()
 
-    def predict_dataloader(self) -> DataLoader:
-        """Preprocessed scans without labels: ``predict_files``, or the dataset's imagesTs."""
+    def predict_cases(self) -> list[Case]:
+        """The scans ``predict`` segments: ``predict_files``, or the dataset's imagesTs.
+
+        Raises:
+            ValueError: if there is none.
+        """
+        if self.info is None:
+            self.setup("predict")
         if self.predict_files:
             cases = find_case_files(self.predict_files, n_channels=len(self.info.channel_names))
         else:
@@ -253,7 +260,16 @@ class SegmentationDataModule(pl.LightningDataModule):
         if not cases:
             raise ValueError(f"nothing to predict: {self.root}/imagesTs is empty and no "
                              "data.predict_files were given")
-        items = [case_item(c) for c in cases]
-        return DataLoader(Dataset(items, self.preprocessing.transforms(("image",))),
-                          batch_size=1, num_workers=self.num_workers)
+        return cases
 
+    def predict_dataloader(self) -> DataLoader:
+        """Preprocessed scans without labels, one per batch: image (1, C, *S) and case_id.
+
+        Each image keeps its metadata and applied operations, so a prediction can be mapped
+        back onto the scan's own grid by inverting ``predict_transform``, the very chain that
+        made it (MONAI inverts only with the transform objects that were applied).
+        """
+        items = [case_item(c) for c in self.predict_cases()]
+        self.predict_transform = self.preprocessing.transforms(("image",))
+        return DataLoader(Dataset(items, self.predict_transform), batch_size=1,
+                          num_workers=self.num_workers)

@@ -24,9 +24,13 @@ from segmentation.inference.devices import (
     stitching_buffer_bytes,
     stitching_device,
 )
-from segmentation.inference.outputs import output_paths
 from segmentation.inference.predictor import Predictor
-from segmentation.inference.writer import like_reference, save_atomic
+from segmentation.inference.restore import (
+    check_finite,
+    check_scan_dimensions,
+    probabilities_on_scan,
+)
+from segmentation.inference.writer import write_case
 
 
 class Segmenter:
@@ -116,58 +120,18 @@ class Segmenter:
         self.place_stitching(int(np.prod(image.shape[1:])), image.shape[0])
         with torch.inference_mode():
             logits = self.predictor(image.as_tensor()[None].to(self.device), progress)[0]
-            if not torch.isfinite(logits.sum()):  # NaN and ±inf survive a sum: no (K, *S') mask
-                advice = ("check the scan's intensities and the checkpoint"
-                          if self.precision == "fp32"
-                          else f"they overflowed in {self.precision}: rerun with --precision fp32")
-                raise ValueError(f"{case.images[0]}: the network gave non-finite logits; {advice}")
-            # softmax in place: a CT-sized scan's logits are gigabytes (float32, our own buffer)
-            probabilities = logits.sub_(logits.amax(0, keepdim=True)).exp_()   # (K, *S')
-            probabilities = probabilities.div_(probabilities.sum(0, keepdim=True)).cpu()
-            del logits
-            # Invert orientation and spacing on the probabilities with each transform's own
-            # (linear) interpolation, then take the argmax: smoother, better-placed boundaries
-            # than nearest-neighbour resampling of a label map.
-            inverted = self.transform.inverse({"image": MetaTensor(
-                probabilities, meta=image.meta, applied_operations=image.applied_operations)})
-        return torch.as_tensor(inverted["image"]).float()                 # (K, *S)
-
-    def check_dimensions(self, path: Path, shape: tuple[int, ...]) -> None:
-        """Refuse a file whose number of axes this model cannot segment.
-
-        A scan has the model's spatial axes, or one more holding its channels (MSD's 4D).
-
-        Raises:
-            ValueError: naming the file, its shape and what the model takes.
-        """
-        spatial = self.preprocessing.spatial_dims
-        if len(shape) not in (spatial, spatial + 1):
-            raise ValueError(f"{path}: a {len(shape)}D image of shape {tuple(shape)}; this "
-                             f"model segments {spatial}D scans (a file with several channels "
-                             f"holds them on axis {spatial + 1})")
+            check_finite(logits, case.images[0], self.precision)            # (K, *S')
+            return probabilities_on_scan(logits, image, self.transform)    # (K, *S)
 
     def segment(self, case: Case, output_dir: Path, *, save_probabilities: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> list[Path]:
-        """Segment one case and write its files (see ``outputs.output_paths``).
+        """Segment one case and write its files (see ``writer.write_case``).
 
         Returns:
             The written paths: ``CASE.nii.gz`` (label map, uint8, uint16 beyond 256 classes)
             and, with ``save_probabilities``, ``CASE_probabilities.nii.gz`` ((*S, K) float32).
         """
-        reference = nib.load(str(case.images[0]))
-        self.check_dimensions(case.images[0], reference.shape)
-        probabilities = self.probabilities(case, progress)
-        spatial = tuple(reference.shape[: probabilities.ndim - 1])
-        if tuple(probabilities.shape[1:]) != spatial:
-            raise ValueError(f"{case.images[0]}: the prediction mapped back onto the scan has "
-                             f"shape {tuple(probabilities.shape[1:])}, the scan {spatial}; the "
-                             "preprocessing could not be inverted exactly")
-        labels_path, *probabilities_path = output_paths(case, output_dir, save_probabilities)
-        labels = probabilities.argmax(0).numpy()
-        dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
-        written = [save_atomic(like_reference(labels.astype(dtype), reference), labels_path)]
-        for path in probabilities_path:
-            channels_last = np.moveaxis(probabilities.numpy(), 0, -1).astype(np.float32)
-            written.append(save_atomic(like_reference(channels_last, reference,
-                                                      kind="probabilities"), path))
-        return written
+        check_scan_dimensions(case.images[0], nib.load(str(case.images[0])).shape,
+                              self.preprocessing.spatial_dims)
+        probabilities = self.probabilities(case, progress)                # (K, *S)
+        return write_case(probabilities, case, output_dir, save_probabilities=save_probabilities)

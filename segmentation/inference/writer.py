@@ -6,8 +6,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from segmentation.atomic import write_atomic
+from segmentation.data.layout import Case
+from segmentation.inference.outputs import output_paths
 
 
 def like_reference(data: np.ndarray, reference: nib.Nifti1Image, *,
@@ -54,3 +57,40 @@ def like_reference(data: np.ndarray, reference: nib.Nifti1Image, *,
 def save_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
     """Save a NIfTI image to ``path`` (.nii or .nii.gz) atomically; see :func:`write_atomic`."""
     return write_atomic(path, lambda temporary: nib.save(image, temporary))
+
+
+def write_case(probabilities: torch.Tensor, case: Case, output_dir: Path, *,
+               save_probabilities: bool = False) -> list[Path]:
+    """Write a case's label map (and probabilities) with its first image's exact geometry.
+
+    The one writer of ``segmentation infer`` and ``segmentation predict``; file names are
+    ``outputs.output_paths``'.
+
+    Args:
+        probabilities: (K, *S) class probabilities on the scan's own grid (see
+            ``restore.probabilities_on_scan``), S the spatial shape of ``case.images[0]``.
+        case: the scan's files.
+        output_dir: an existing folder.
+        save_probabilities: also write ``CASE_probabilities.nii.gz`` ((*S, K) float32).
+
+    Returns:
+        The written paths: ``CASE.nii.gz`` (label map, uint8, uint16 beyond 256 classes) first.
+
+    Raises:
+        ValueError: naming the scan, if the probabilities do not have its spatial shape.
+    """
+    reference = nib.load(str(case.images[0]))
+    spatial = tuple(reference.shape[: probabilities.ndim - 1])
+    if tuple(probabilities.shape[1:]) != spatial:
+        raise ValueError(f"{case.images[0]}: the prediction mapped back onto the scan has "
+                         f"shape {tuple(probabilities.shape[1:])}, the scan {spatial}; the "
+                         "preprocessing could not be inverted exactly")
+    labels_path, *probabilities_path = output_paths(case, output_dir, save_probabilities)
+    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
+    labels = probabilities.argmax(0).numpy().astype(dtype)
+    written = [save_atomic(like_reference(labels, reference), labels_path)]
+    for path in probabilities_path:
+        channels_last = np.moveaxis(probabilities.numpy(), 0, -1).astype(np.float32)
+        written.append(save_atomic(like_reference(channels_last, reference,
+                                                  kind="probabilities"), path))
+    return written

@@ -9,6 +9,7 @@ dataset's channels and labels, and every run gets its own versioned folder under
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -27,16 +28,27 @@ from segmentation.data.datamodule import SegmentationDataModule
 from segmentation.data.layout import read_dataset
 from segmentation.data.splits import ALL_FOLD
 from segmentation.inference.checkpoint import (
+    RECORD_KEY,
     CheckpointError,
+    CheckpointRecord,
     last_checkpoint_of_run,
     network_weights,
     read_checkpoint,
 )
 from segmentation.training.callbacks import LastCheckpoint, PeakMemory
 from segmentation.training.module import SegmentationModule
+from segmentation.training.prediction_writer import (
+    PREDICTIONS_FOLDER,
+    PredictionSettings,
+    PredictionWriter,
+    check_prediction_outputs,
+)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint Lightning writes
+# The run's version folder, handed to the processes Lightning's DDP launcher starts (they
+# inherit the environment), so every process of one run names the same folder.
+RUN_VERSION_ENV = "SEGMENTATION_RUN_VERSION"
 
 
 def namespace_to_dict(value: Any) -> Any:
@@ -121,9 +133,22 @@ class SegmentationCLI(LightningCLI):
     """LightningCLI for SegmentationModule + SegmentationDataModule."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(
-            SegmentationModule, SegmentationDataModule, args=args,
-            save_config_kwargs={"overwrite": False}, seed_everything_default=0, **kwargs)
+        self._sets_version = RUN_VERSION_ENV not in os.environ  # False in DDP's child processes
+        try:
+            super().__init__(
+                SegmentationModule, SegmentationDataModule, args=args,
+                save_config_kwargs={"overwrite": False}, seed_everything_default=0, **kwargs)
+        finally:
+            if self._sets_version:  # the next run in this process gets a folder of its own
+                os.environ.pop(RUN_VERSION_ENV, None)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str,
+                                   **kwargs: Any) -> LightningArgumentParser:
+        """Each subcommand's parser; ``predict``'s also takes ``--prediction.*``."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_class_arguments(PredictionSettings, "prediction", instantiate=False)
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Run naming and the links between network, data and model."""
@@ -160,12 +185,23 @@ class SegmentationCLI(LightningCLI):
                                       f"`{self.config.subcommand}` needs a checkpoint written "
                                       "by `segmentation fit`")
             self._checkpoint_weights = network_weights(checkpoint)
+            record = (CheckpointRecord.from_checkpoint(checkpoint, config.ckpt_path)
+                      if checkpoint.get(RECORD_KEY) else None)
+            self._checkpoint_dims = (record.preprocessing.spatial_dims
+                                     if record and record.preprocessing else None)
             del checkpoint
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """Channels from the dataset, ``--ckpt_path last``, determinism, a default root dir."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "predict":
+            if not config.ckpt_path:
+                raise ValueError("predict needs --ckpt_path: a checkpoint written by fit (or "
+                                 "`last` for the newest of --name); without one the network's "
+                                 "random initial weights would segment")
+            if config.return_predictions is None:  # written to disk, not kept in memory
+                config.return_predictions = False
         channels_from_dataset(config)
         if "weights_only" in config and config.weights_only is None:
             # our checkpoints hold tensors and plain data: never unpickle anything else
@@ -192,8 +228,10 @@ class SegmentationCLI(LightningCLI):
             del self._checkpoint_weights
         trainer = self._get(self.config_init, "trainer", default={})
         logger = trainer.get("logger")
+        version = os.environ.get(RUN_VERSION_ENV) or next_version(Path(config.runs_dir)
+                                                                  / config.name)
+        os.environ[RUN_VERSION_ENV] = version
         if logger in (None, True):
-            version = next_version(Path(config.runs_dir) / config.name)
             kwargs["logger"] = [
                 TensorBoardLogger(config.runs_dir, name=config.name, version=version,
                                   default_hp_metric=False),
@@ -204,11 +242,16 @@ class SegmentationCLI(LightningCLI):
         if not validates and self.subcommand in ("validate", "test"):
             raise ValueError(f"data.fold={ALL_FOLD!r} holds no case out of training, so there "
                              f"is nothing to {self.subcommand}; use a numbered fold")
-        extra = [LastCheckpoint(every_n_train_steps=every)]
-        if validates:  # fold "all" has no validation to pick the best epoch by
+        extra: list[Any] = []
+        if self.subcommand == "fit":  # other subcommands write no checkpoints
+            extra.append(LastCheckpoint(every_n_train_steps=every))
+        if self.subcommand == "fit" and validates:  # fold "all" has no best epoch to pick
             extra.insert(0, ModelCheckpoint(monitor="val/dice", mode="max", save_top_k=1,
                                             filename="best-{epoch:03d}",
                                             auto_insert_metric_name=False))
+        if self.subcommand == "predict":
+            extra.append(self._prediction_writer(config, Path(config.runs_dir) / config.name
+                                                 / version))
         if trainer.get("enable_progress_bar") is not False:  # Lightning refuses a bar when off
             extra.append(RichProgressBar())
         if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
@@ -218,6 +261,28 @@ class SegmentationCLI(LightningCLI):
         kinds = {type(c) for c in configured}
         kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds]
         return super().instantiate_trainer(**kwargs)
+
+    def _prediction_writer(self, config: Namespace, run_dir: Path) -> PredictionWriter:
+        """The writer of ``predict``, after checking everything it will write.
+
+        The first process checks (and creates the output folder) before DDP starts the others,
+        which would otherwise find the first one's fresh outputs and refuse them.
+        """
+        settings = config.prediction
+        output_dir = Path(settings.output_dir or run_dir / PREDICTIONS_FOLDER)
+        cases = self.datamodule.predict_cases()
+        if rank_zero_only.rank == 0:
+            check_prediction_outputs(cases, output_dir,
+                                     save_probabilities=settings.save_probabilities,
+                                     overwrite=settings.overwrite,
+                                     spatial_dims=self._checkpoint_dims)
+        model = config.model
+        record = {"overlap": model.overlap, "tta": model.mirror_tta,
+                  "batch_size": model.sw_batch_size, "precision": str(config.trainer.precision),
+                  "save_probabilities": settings.save_probabilities,
+                  "overwrite": settings.overwrite}
+        return PredictionWriter(output_dir, cases, config.ckpt_path, settings=record,
+                                save_probabilities=settings.save_probabilities)
 
 
 def run_lightning(args: Sequence[str] | None) -> int:

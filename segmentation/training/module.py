@@ -9,13 +9,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from monai.data import decollate_batch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
+from torchmetrics import MeanMetric
 
 from segmentation.data.preprocessing import Preprocessing
 from segmentation.evaluation.metrics import case_metrics, mean_per_class, write_case_table
 from segmentation.inference.checkpoint import RECORD_KEY, CheckpointRecord
 from segmentation.inference.predictor import Predictor
+from segmentation.inference.restore import check_finite, probabilities_on_scan
 from segmentation.training.gather import gather_cases
 from segmentation.training.losses import SegmentationLoss
 from segmentation.training.nonfinite import NonFiniteLossPolicy
@@ -77,6 +81,9 @@ class SegmentationModule(pl.LightningModule):
         self.output_patch_size: tuple[int, ...] | None = None
         self._val_rows: list[dict] = []
         self._test_rows: list[dict] = []
+        # The epoch's mean training loss, reduced over DDP processes once per epoch (a Metric
+        # syncs when computed) instead of an all-reduce at every step.
+        self.train_loss_mean = MeanMetric()
 
     # ------------------------------------------------------------------ plumbing
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -93,6 +100,11 @@ class SegmentationModule(pl.LightningModule):
             self.label_names = dict(datamodule.label_names)
             self.output_patch_size = tuple(datamodule.output_size)
             self._check_matches_dataset(datamodule)
+            if self.hparams.patch_size is not None:
+                # one training patch: the model summary shows its output shape and real FLOPs
+                channels = getattr(self.net, "in_channels", None) or len(
+                    datamodule.info.channel_names)
+                self.example_input_array = torch.zeros(1, channels, *self.hparams.patch_size)
 
     def _check_matches_dataset(self, datamodule: Any) -> None:
         """The network's input and output channels must fit the dataset's channels and labels."""
@@ -113,13 +125,25 @@ class SegmentationModule(pl.LightningModule):
             batch_size=self.hparams.sw_batch_size).as_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore what :meth:`on_save_checkpoint` stored."""
+        """Restore what :meth:`on_save_checkpoint` stored.
+
+        The checkpoint's preprocessing also becomes the data module's, so validate, test and
+        predict read scans exactly as the checkpoint's network was trained on them. Outside
+        ``fit`` the checkpoint's callback states (the best-checkpoint paths of the run that
+        wrote it) are dropped: they restore nothing there and only led to a warning about a
+        changed checkpoint folder.
+        """
+        if self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            checkpoint.pop("callbacks", None)
         if checkpoint.get(RECORD_KEY, {}).get("net") is None:
             return
         record = CheckpointRecord.from_checkpoint(checkpoint)
         self.preprocessing = record.preprocessing
         self.label_names = dict(record.label_names or {})
         self.output_patch_size = record.output_patch_size
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and record.preprocessing is not None:
+            datamodule.preprocessing = record.preprocessing
 
     @property
     def foreground_names(self) -> list[str]:
@@ -160,8 +184,9 @@ class SegmentationModule(pl.LightningModule):
                      f"batch {batch_idx})")
             self.nonfinite.found(where, buffers)
             return loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.train_loss_mean.update(loss.detach(), weight=batch["image"].shape[0])
+        self.log("train/loss_epoch", self.train_loss_mean, on_step=False, on_epoch=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -206,11 +231,14 @@ class SegmentationModule(pl.LightningModule):
         """Log mean foreground Dice and Dice per class, over unique cases."""
         rows, self._val_rows = gather_cases(self._val_rows), []
         per_class = mean_per_class(rows, "dice", self.foreground_names)
+        # The rows are every process's cases (gather_cases), so each process logs the same
+        # values; sync_dist averages identical numbers, which leaves them as they are.
         for name, value in per_class.items():
-            self.log(f"val/dice_{name}", value)
+            self.log(f"val/dice_{name}", value, sync_dist=True)
         if per_class:
             mean = [v for v in per_class.values() if not math.isnan(v)]
-            self.log("val/dice", sum(mean) / len(mean) if mean else float("nan"), prog_bar=True)
+            self.log("val/dice", sum(mean) / len(mean) if mean else float("nan"), prog_bar=True,
+                     sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Per-case Dice and HD95 of the held-out cases."""
@@ -224,21 +252,40 @@ class SegmentationModule(pl.LightningModule):
         keys = ["dice"] + (["hd95"] if self.hparams.test_hd95 else [])
         for key in keys:
             means = mean_per_class(rows, key, names)
-            for name, value in means.items():
-                self.log(f"test/{key}_{name}", value)
+            for name, value in means.items():  # identical on every process, as in validation
+                self.log(f"test/{key}_{name}", value, sync_dist=True)
             finite = [v for v in means.values() if not math.isnan(v)]
             if finite:
-                self.log(f"test/{key}", sum(finite) / len(finite))
+                self.log(f"test/{key}", sum(finite) / len(finite), sync_dist=True)
         log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
         if self.trainer.is_global_zero and log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             write_case_table(Path(log_dir) / "test_metrics.csv", rows, names, keys)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Label maps in the preprocessed grid: {"case_id": [...], "label": (B, 1, *S) uint8}.
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Each scan's class probabilities, mapped back onto the scan's own grid.
 
-        ``segmentation infer`` is the command that maps predictions back onto the scans.
+        The restoration is ``segmentation infer``'s (``restore.probabilities_on_scan``), with
+        the preprocessing the checkpoint was trained with; ``PredictionWriter`` writes them.
+
+        Args:
+            batch: preprocessed scans from the data module's predict loader: ``image``
+                (B, C, *S') with each scan's metadata, and ``case_id``.
+            batch_idx: the batch's index (unused).
+
+        Returns:
+            One {"case_id": str, "probabilities": (K, *S) float32 on the CPU} per scan, S the
+            spatial shape of the scan's file.
         """
-        logits = self.make_predictor()(torch.as_tensor(batch["image"]))
-        return {"case_id": batch.get("case_id"),
-                "label": logits.argmax(1, keepdim=True).to(torch.uint8)}
+        logits = self.make_predictor()(torch.as_tensor(batch["image"]))  # (B, K, *S')
+        datamodule = getattr(self.trainer, "datamodule", None)
+        transform = getattr(datamodule, "predict_transform", None)  # the chain that was applied
+        if transform is None:
+            transform = self.preprocessing.transforms(("image",))
+        results = []
+        for case_id, image, case_logits in zip(batch["case_id"], decollate_batch(batch["image"]),
+                                               logits, strict=True):
+            check_finite(case_logits, image.meta.get("filename_or_obj", case_id))
+            results.append({"case_id": case_id, "probabilities": probabilities_on_scan(
+                case_logits.float(), image, transform)})             # (K, *S)
+        return results

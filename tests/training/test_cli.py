@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -209,7 +210,7 @@ def test_resume_after_sigkill_ends_at_the_same_total_steps(tiny3d, tmp_path):
 
 def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path):
     root = tmp_path / "data"
-    generate_dataset(root, cases=6, test_cases=0, seed=2, shape=(24, 24, 16))
+    generate_dataset(root, cases=6, test_cases=3, seed=2, shape=(24, 24, 16))
     runs = tmp_path / "runs"
     base = fit_args(root, runs, 3, "same")[1:]  # without the subcommand
     # trained by 2 processes, with deep supervision whose lowest output has weight 0: every
@@ -217,12 +218,15 @@ def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path)
     fitted = run_cli("fit", *base, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
                      "--trainer.strategy", "ddp", "--trainer.devices", "2")
     assert fitted.returncode == 0, fitted.stderr[-3000:]
+    assert "sync_dist" not in fitted.stdout + fitted.stderr  # epoch values reduced as they should
     checkpoint = runs / "test" / "version_0" / "checkpoints" / "last.ckpt"
     single = run_cli("validate", *base, "--ckpt_path", str(checkpoint))
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_cli("validate", *base, "--ckpt_path", str(checkpoint), "--trainer.strategy", "ddp",
                   "--trainer.devices", "2")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "sync_dist" not in ddp.stdout + ddp.stderr
+    assert "dirpath" not in ddp.stdout + ddp.stderr  # nothing about the fit's checkpoint folder
     versions = sorted((runs / "test").glob("version_*"))
     assert [v.name for v in versions] == ["version_0", "version_1", "version_2"]  # one per run
 
@@ -239,6 +243,20 @@ def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path)
     rows = list(csv.DictReader((runs / "test" / "version_3" / "test_metrics.csv").open()))
     pairs = [(r["case_id"], r["class"]) for r in rows]
     assert len(pairs) == len(set(pairs)) == 3 * 3  # 3 held-out cases x 3 classes, each once
+    assert "sync_dist" not in tested.stdout + tested.stderr
+
+    # 3 test scans over 2 processes: each written once, by the process that segmented it
+    predicted = run_cli("predict", *base, "--ckpt_path", str(checkpoint), "--trainer.strategy",
+                        "ddp", "--trainer.devices", "2")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    folder = runs / "test" / "version_4" / "predictions"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{p.name.removesuffix('_0000.nii.gz')}.nii.gz" for p in (root / "imagesTs").iterdir()]
+        + ["provenance.json"])
+    record = json.loads((folder / "provenance.json").read_text())["runs"]
+    assert len(record) == 1 and record[0]["processes"] == 2
+    assert len({c["case_id"] for c in record[0]["cases"]}) == len(record[0]["cases"]) == 3
+    assert sorted(p.name for p in (runs / "test").iterdir())[-1] == "version_4"  # one folder
 
 
 @pytest.mark.parametrize("name", ["unet2d", "unet3d", "unet3d_resenc", "unet3d_valid"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import nibabel as nib
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -41,9 +42,12 @@ def test_short_fit_improves_dice_and_checkpoint_rebuilds_identical_module(tiny3d
     after = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/dice"]
     assert after > before + 0.2, (before, after)
     predictions = trainer.predict(module, datamodule=dm)  # the dataset's imagesTs
-    assert len(predictions) == 1 and predictions[0]["case_id"] == ["synth_004"]
-    assert predictions[0]["label"].dtype == torch.uint8
-    assert predictions[0]["label"].max() > 0
+    assert len(predictions) == 1 and [p["case_id"] for p in predictions[0]] == ["synth_004"]
+    probabilities = predictions[0][0]["probabilities"]  # on the scan's own grid
+    scan = nib.load(tiny3d / "imagesTs" / "synth_004_0000.nii.gz")
+    assert probabilities.shape == (4, *scan.shape)
+    torch.testing.assert_close(probabilities.sum(0), torch.ones(scan.shape))
+    assert probabilities.argmax(0).max() > 0
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
