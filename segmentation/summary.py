@@ -23,14 +23,16 @@ def level_sizes(net: UNet, input_shape: Sequence[int]
         (encoder, decoder): ``encoder[l]`` is the spatial size S_l of level l's encoder output,
         l = 0 … depth (the last is the bottleneck); ``decoder[l]`` is T_l, the size of level
         l's decoder output, l = 0 … depth − 1. For a "same" network these are the sizes of
-        the input zero-padded to a multiple of 2**depth (see :meth:`UNet.encoder_input_shape`).
+        the input zero-padded to a multiple of the per-axis total stride (2**depth for an
+        isotropic network; see :meth:`UNet.encoder_input_shape`). Each axis follows its own
+        kernel sizes and strides.
 
     Raises:
         InvalidSizeError: (a ValueError) if the shape is not valid for a "valid" network.
     """
     padded = net.encoder_input_shape(input_shape)
-    per_axis = [net.encoder.output_sizes(n) for n in padded]
-    decoded = [net.decoder.output_sizes(sizes) for sizes in per_axis]
+    per_axis = [net.encoder.output_sizes(n, axis) for axis, n in enumerate(padded)]
+    decoded = [net.decoder.output_sizes(sizes, axis) for axis, sizes in enumerate(per_axis)]
     encoder = [tuple(sizes[level] for sizes in per_axis) for level in range(net.depth + 1)]
     decoder = [tuple(sizes[level] for sizes in decoded) for level in range(net.depth)]
     return encoder, decoder
@@ -41,21 +43,31 @@ def level_table(net: UNet, input_shape: Sequence[int]) -> Table:
 
     Long skip is "on", "off" or "-" for the bottleneck; sizes are as in :func:`level_sizes`
     (which raises for an invalid shape). For a "same" network whose input is padded, the
-    caption gives the padded shape.
+    caption gives the padded shape. A network whose kernel sizes or strides differ between
+    axes gets two more columns: each level's kernel and the factor it was downsampled by.
     """
     encoder, decoder = level_sizes(net, input_shape)
     table = Table(title=f"{type(net).__name__} levels for input {tuple(input_shape)}")
     padded = net.encoder_input_shape(input_shape)
     if padded != tuple(input_shape):
+        strides = net.total_strides
+        multiple = (f"2**depth = {strides[0]}" if len(set(strides)) == 1
+                    else f"the total strides {strides} per axis")
         table.caption = (f"same padding: the input is zero-padded to {padded} (a multiple of "
-                         f"2**depth = {2 ** net.depth}) and the output cropped back")
-    for column in ("level", "channels", "encoder output", "long skip", "decoder output"):
+                         f"{multiple}) and the output cropped back")
+    per_axis = not net.same_on_every_axis
+    columns = ["level", "channels", *(["kernel", "downsampling"] if per_axis else []),
+               "encoder output", "long skip", "decoder output"]
+    for column in columns:
         table.add_column(column)
     for level, channels in enumerate(net.encoder.channels):
         is_bottleneck = level == net.depth
         skip = "-" if is_bottleneck else ("on" if net.long_skips[level] else "off")
         out = "-" if is_bottleneck else str(decoder[level])
-        table.add_row(str(level), str(channels), str(encoder[level]), skip, out)
+        shape_columns = ([str(net.kernel_sizes[level]),
+                          "-" if level == 0 else str(net.strides[level - 1])]
+                         if per_axis else [])
+        table.add_row(str(level), str(channels), *shape_columns, str(encoder[level]), skip, out)
     return table
 
 

@@ -104,7 +104,7 @@ def bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     torch.save([1, 2], tmp_path / "list.ckpt")
     out["list"] = (tmp_path / "list.ckpt", "not a segmentation checkpoint")
     out["missing"] = (tmp_path / "missing.ckpt", "no such checkpoint file")
-    out["folder"] = (tmp_path, "no such checkpoint file")
+    out["folder"] = (tmp_path, "no run under it holds a checkpoint")
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from segmentation.cli import main
 from segmentation.nets.unet import UNet
@@ -38,10 +39,15 @@ def test_summary_of_a_same_network_shows_the_padded_sizes_for_any_input_shape(ca
     assert "(64, 64, 64)" in out and "(2, 2, 2)" in out  # levels 0 and 5 of the padded input
 
 
-@pytest.mark.parametrize("padding, shape", [("same", (13, 16, 10)), ("same", (9, 7, 4)),
-                                            ("valid", (44, 44, 44))])
-def test_level_sizes_are_the_feature_map_sizes_of_the_forward_pass(padding, shape):
-    net = UNet(spatial_dims=3, features=(2, 4, 8), padding=padding, norm=None).eval()
+ANISOTROPIC = {"kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+               "strides": [[1, 2, 2], [2, 2, 2]]}
+
+
+@pytest.mark.parametrize("padding, shape, plan", [
+    ("same", (13, 16, 10), {}), ("same", (9, 7, 4), {}), ("valid", (44, 44, 44), {}),
+    ("same", (9, 7, 10), ANISOTROPIC), ("valid", (22, 44, 48), ANISOTROPIC)])
+def test_level_sizes_are_the_feature_map_sizes_of_the_forward_pass(padding, shape, plan):
+    net = UNet(spatial_dims=3, features=(2, 4, 8), padding=padding, norm=None, **plan).eval()
     seen: dict[str, list[tuple[int, ...]]] = {}
     net.encoder.register_forward_hook(
         lambda _m, _i, out: seen.__setitem__("encoder", [tuple(f.shape[2:]) for f in out]))
@@ -79,3 +85,16 @@ def test_summary_finds_the_input_for_a_wanted_output_shape(capsys):
     with pytest.raises(SystemExit):  # one shape or the other
         parser.parse_args(["summary", config, "--input-shape", "572", "572",
                            "--output-shape", "388", "388"])
+
+
+def test_summary_of_an_anisotropic_network_shows_kernels_strides_and_per_axis_padding(
+        tmp_path, capsys):
+    config = tmp_path / "prostate.yaml"
+    config.write_text(yaml.safe_dump({"class_path": "segmentation.UNet", "init_args": {
+        "features": [2, 4, 8], **ANISOTROPIC}}))
+    assert main(["summary", str(config), "--input-shape", "9", "30", "32"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "input (9, 30, 32) -> output (9, 30, 32)" in out
+    assert "zero-padded to (10, 32, 32) (a multiple of the total strides (2, 4, 4)" in out
+    assert "(1, 3, 3)" in out and "(1, 2, 2)" in out  # level 0's kernel, level 1's factor
+    assert "(5, 8, 8)" in out  # the bottleneck: 10 / 2 slices, 32 / 4 pixels

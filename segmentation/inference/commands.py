@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from segmentation.data.layout import Case, find_case_files
+from segmentation.inference.ensemble import resolve_checkpoints
 from segmentation.inference.outputs import check_outputs, prepare_output_dir
 from segmentation.inference.predictor import PRECISIONS
 from segmentation.inference.provenance import (
@@ -34,15 +35,19 @@ def run_infer(args: argparse.Namespace) -> int:
         console.print(message, markup=False, highlight=False)
 
     started = time.time()
-    checkpoint, output_dir = Path(args.checkpoint), Path(args.output)
+    output_dir = Path(args.output)
     try:
-        segmenter = Segmenter(checkpoint, overlap=args.overlap, tta=args.tta, device=args.device,
+        checkpoints = resolve_checkpoints(args.checkpoint, note=lambda m: say(f"note: {m}"))
+        segmenter = Segmenter(checkpoints, overlap=args.overlap, tta=args.tta, device=args.device,
                               batch_size=args.batch_size, precision=args.precision,
                               compile=args.compile, note=lambda message: say(f"note: {message}"))
         cases = find_case_files(args.input, n_channels=segmenter.in_channels)
     except ValueError as err:  # a bad checkpoint, setting or input list: one line
         say(f"error: {err}")
         return 1
+    if len(checkpoints) > 1:
+        say(f"ensemble of {len(checkpoints)} checkpoints: "
+            + ", ".join(str(p) for p in checkpoints))
     problem = prepare_output_dir(output_dir)
     if problem:
         say(f"error: {problem}")
@@ -68,10 +73,10 @@ def run_infer(args: argparse.Namespace) -> int:
         segment_all(segmenter, cases, output_dir, args.save_probabilities, results, console)
     except BaseException:  # interrupted: still record what was written
         if results:
-            append_run(output_dir, {**run_record(checkpoint, settings, results, started),
+            append_run(output_dir, {**run_record(checkpoints, settings, results, started),
                                     "interrupted": True})
         raise
-    append_run(output_dir, run_record(checkpoint, settings, results, started))
+    append_run(output_dir, run_record(checkpoints, settings, results, started))
     failed = [r for r in results if r.error]
     console.print(f"wrote {len(results) - len(failed)} segmentation(s) to {output_dir}"
                   + (f"; {len(failed)} scan(s) failed" if failed else ""), highlight=False)
@@ -124,9 +129,13 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "infer", help="segment NIfTI scans with a trained checkpoint",
         description="Segment scans with a checkpoint alone: network, preprocessing and label "
-                    "names come from it. Writes CASE.nii.gz label maps with each scan's exact "
-                    "geometry; provenance.json records every run into the folder.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by fit")
+                    "names come from it. Several checkpoints (e.g. the cross-validation folds) "
+                    "segment as an ensemble: their probabilities are averaged. Writes "
+                    "CASE.nii.gz label maps with each scan's exact geometry; provenance.json "
+                    "records every run into the folder.")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="checkpoint(s) written by fit, or run folders: runs/NAME (the best "
+                             "checkpoint of every fold run under it) or runs/NAME/version_N")
     parser.add_argument("--input", required=True, nargs="+",
                         help="scans (.nii/.nii.gz) or folders; CASE_0000, CASE_0001, ... are "
                              "the channels of one case")

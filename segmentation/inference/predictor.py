@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from segmentation.inference.sliding_window import sliding_window
-from segmentation.inference.tiling import inference_tile, overlap_tile
+from segmentation.inference.tiling import inference_tile, network_strides, overlap_tile
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,7 +117,8 @@ class Predictor:
             # fewer tiles per pass as they grow: a pass reads about as much as trained batches
             batch = max(1, round(self.batch_size * math.prod(self.patch_size) / math.prod(tile)))
             return overlap_tile(self._network, image, tile, self.net.output_shape(tile),
-                                self.net.depth, batch_size=batch, out_device=self.out_device,
+                                total_strides=network_strides(self.net, len(tile)),
+                                batch_size=batch, out_device=self.out_device,
                                 progress=progress, fixed_batch=self.fixed_batch)
         return sliding_window(self._network, image, self.patch_size, overlap=self.overlap,
                               batch_size=self.batch_size, out_device=self.out_device,

@@ -49,16 +49,23 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def run_record(checkpoint: Path, settings: dict[str, Any], results: Sequence[CaseResult],
-               started: float) -> dict[str, Any]:
-    """One run: checkpoint path and hash, settings, package versions, times, inputs, outputs."""
+def run_record(checkpoint: Path | Sequence[Path], settings: dict[str, Any],
+               results: Sequence[CaseResult], started: float) -> dict[str, Any]:
+    """One run: checkpoint paths and hashes, settings, package versions, times, inputs, outputs.
+
+    ``checkpoints`` lists every model (several for an ensemble); ``checkpoint`` and
+    ``checkpoint_sha256`` name the first, as records of single models always have.
+    """
     import monai
 
     import segmentation
 
+    paths = [Path(checkpoint)] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    models = [{"path": str(p.resolve()), "sha256": sha256(p)} for p in paths]
     return {
-        "checkpoint": str(checkpoint.resolve()),
-        "checkpoint_sha256": sha256(checkpoint),
+        "checkpoint": models[0]["path"],
+        "checkpoint_sha256": models[0]["sha256"],
+        "checkpoints": models,
         "settings": settings,
         "versions": {"segmentation": segmentation.__version__, "torch": torch.__version__,
                      "monai": monai.__version__, "nibabel": nib.__version__,

@@ -36,16 +36,16 @@ def check_finite(logits: torch.Tensor, source: str | Path, precision: str = "fp3
         raise ValueError(f"{source}: the network gave non-finite logits; {advice}")
 
 
-def probabilities_on_scan(logits: torch.Tensor, image: MetaTensor,
+def probabilities_on_scan(probabilities: torch.Tensor, image: MetaTensor,
                           transform: Compose) -> torch.Tensor:
-    """Softmax of a scan's logits, mapped back onto the scan's own grid.
+    """A scan's class probabilities, mapped back onto the scan's own grid.
 
     Orientation and spacing are inverted on the probabilities with each transform's own
     (linear) interpolation, and the argmax is taken afterwards by the writer: smoother,
     better-placed boundaries than nearest-neighbour resampling of a label map.
 
     Args:
-        logits: (K, *S') logits on the preprocessed grid; overwritten (softmax in place).
+        probabilities: (K, *S') probabilities on the preprocessed grid (see :func:`softmax_`).
         image: (C, *S') the preprocessed scan the logits belong to, with the metadata and
             applied operations of ``transform``.
         transform: the preprocessing chain that produced ``image``.
@@ -53,7 +53,7 @@ def probabilities_on_scan(logits: torch.Tensor, image: MetaTensor,
     Returns:
         (K, *S) float32 probabilities on the CPU, S the spatial shape of the scan's file.
     """
-    probabilities = softmax_(logits).cpu()                              # (K, *S')
+    probabilities = probabilities.cpu()                                 # (K, *S')
     inverted = transform.inverse({"image": MetaTensor(
         probabilities, meta=image.meta, applied_operations=image.applied_operations)})
     return torch.as_tensor(inverted["image"]).float()                  # (K, *S)

@@ -4,8 +4,10 @@ MONAI's and nnU-Net's sliding windows assume the output of a window has the wind
 valid-convolution U-Net predicts only the centre of what it reads. So this is ours: mirror-pad
 the scan by the network's margin, tile the *output* grid with tiles of the network's output
 size, read input tiles of its input size, and place every output tile exactly. Tile offsets are
-multiples of 2**depth, where the network is translation-equivariant, so the stitched result
-equals one whole-scan forward pass (up to float rounding).
+multiples of the network's total stride along each axis (2**depth for an isotropic U-Net; the
+product of that axis' downsampling factors for an anisotropic one), where the network is
+translation-equivariant, so the stitched result equals one whole-scan forward pass (up to float
+rounding).
 """
 
 from __future__ import annotations
@@ -47,16 +49,50 @@ def mirror_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor
     return x
 
 
-def tile_step(output_size: int, depth: int) -> int:
+def tile_step(output_size: int, depth: int | None = None, *, grid: int | None = None) -> int:
     """Offset between neighbouring output tiles along one axis.
 
-    The largest multiple of 2**depth that fits in the output tile (tiles then overlap by the
-    rest, and overlapping predictions are identical). Output tiles smaller than 2**depth cannot
-    be placed on that grid without gaps; they step by their own size and the result is exact
-    only up to that shift.
+    ``grid`` is the network's total stride along the axis (see :func:`network_strides`);
+    ``depth`` gives the isotropic U-Net's ``2**depth`` instead. The step is the largest
+    multiple of the grid that fits in the output tile (tiles then overlap by the rest, and
+    overlapping predictions are identical). Output tiles smaller than the grid cannot be placed
+    on it without gaps; they step by their own size and the result is exact only up to that
+    shift.
     """
-    grid = 2 ** depth
+    grid = _grid(depth, grid)
     return output_size // grid * grid if output_size >= grid else output_size
+
+
+def _grid(depth: int | None, grid: int | None) -> int:
+    if grid is not None:
+        return int(grid)
+    if depth is None:
+        raise ValueError("give the network's total stride along the axis (grid=...) or its "
+                         "depth (for 2**depth)")
+    return 2 ** int(depth)
+
+
+def network_strides(net: nn.Module, spatial_dims: int) -> tuple[int, ...]:
+    """Per-axis total stride of a network: what overlap-tile offsets are multiples of.
+
+    ``net.total_strides`` where the network has it (:class:`~segmentation.nets.unet.UNet`),
+    else ``2**net.depth`` along every axis (a network that halves every axis ``depth`` times).
+    """
+    strides = getattr(net, "total_strides", None)
+    if strides is not None:
+        strides = tuple(int(s) for s in strides)
+        if len(strides) != spatial_dims:
+            raise ValueError(f"the network has total strides {strides} but the tiles have "
+                             f"{spatial_dims} axes")
+        return strides
+    return (2 ** int(net.depth),) * spatial_dims
+
+
+def _next_valid_size(net: nn.Module, n: int, axis: int) -> int | None:
+    """The smallest valid input size ≥ ``n`` along ``axis`` (None: none found)."""
+    if hasattr(net, "total_strides"):  # our UNet: valid sizes may differ between axes
+        return net.nearest_valid_sizes(n, axis=axis)[1]
+    return net.nearest_valid_sizes(n)[1]
 
 
 def tile_independent(net: nn.Module) -> bool:
@@ -94,8 +130,9 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
     Every new tile shape costs a cuDNN autotuning (and with ``torch.compile`` a compilation),
     so a tile already ``in_use`` for earlier scans (valid, within the same ``max_scale``) is
     kept when it reads at most ``reuse_within`` (a fraction) more voxels than this scan's
-    cheapest tile. ``net`` needs ``output_shape`` and ``nearest_valid_sizes``; ``patch_size``
-    must be a valid tile.
+    cheapest tile. ``net`` needs ``output_shape``, ``nearest_valid_sizes`` (with an ``axis``
+    argument where it has ``total_strides``) and ``depth`` or ``total_strides``;
+    ``patch_size`` must be a valid tile.
     """
     patch = tuple(int(p) for p in patch_size)
     if max_scale <= 1 or not tile_independent(net):
@@ -123,7 +160,7 @@ def inference_tile(net: nn.Module, patch_size: Sequence[int], scan_shape: Sequen
 
 def voxels_read(net: nn.Module, tile: Sequence[int], scan_shape: Sequence[int]) -> int:
     """Input voxels overlap-tile reads to cover a scan with ``tile``-sized input tiles."""
-    counts = _tile_counts(scan_shape, net.output_shape(tile), net.depth)
+    counts = _tile_counts(scan_shape, net.output_shape(tile), network_strides(net, len(tile)))
     return math.prod(count * size for count, size in zip(counts, tile, strict=True))
 
 
@@ -134,21 +171,23 @@ def _axis_options(net: nn.Module, patch: tuple[int, ...], axis: int, scan: int,
     From the patch's size up to ``largest``, or to the first size whose output covers the scan.
     """
     options, size = [], patch[axis]
+    grid = network_strides(net, len(patch))[axis]
     while size is not None and size <= largest:
         shape = patch[:axis] + (size,) + patch[axis + 1:]
         output = net.output_shape(shape)[axis]
-        count = _tile_counts([scan], [output], net.depth)[0]
+        count = _tile_counts([scan], [output], [grid])[0]
         options.append((size, count * size))
         if output >= scan:
             break
-        size = net.nearest_valid_sizes(size + 1)[1]
+        size = _next_valid_size(net, size + 1, axis)
     return options
 
 
-def _tile_counts(spatial: Sequence[int], output_size: Sequence[int], depth: int) -> list[int]:
+def _tile_counts(spatial: Sequence[int], output_size: Sequence[int], grids: Sequence[int]
+                 ) -> list[int]:
     """Output tiles per axis that cover ``spatial`` at :func:`tile_step` offsets."""
-    return [max(math.ceil((s - o) / tile_step(o, depth)), 0) + 1
-            for s, o in zip(spatial, output_size, strict=True)]
+    return [max(math.ceil((s - o) / tile_step(o, grid=g)), 0) + 1
+            for s, o, g in zip(spatial, output_size, grids, strict=True)]
 
 
 def overlap_tile(
@@ -156,8 +195,9 @@ def overlap_tile(
     image: torch.Tensor,
     input_size: Sequence[int],
     output_size: Sequence[int],
-    depth: int,
+    depth: int | None = None,
     *,
+    total_strides: Sequence[int] | None = None,
     batch_size: int = 1,
     out_device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -166,14 +206,27 @@ def overlap_tile(
     """(N, K, *S) logits for a whole scan from a network that shrinks its input.
 
     ``net`` maps (B, C, *input_size) to (B, K, *output_size), ``input_size`` being a valid tile;
-    ``image`` is (N, C, *S), any S (smaller than one tile too); ``depth`` is the network's number
-    of 2× downsamplings. The other arguments are as for
+    ``image`` is (N, C, *S), any S (smaller than one tile too). Tile offsets are multiples of
+    ``total_strides``, the network's per-axis total stride (``UNet.total_strides``, see
+    :func:`network_strides`); without it, of ``2**depth`` along every axis, ``depth`` being
+    the number of 2× downsamplings of an isotropic network. The other arguments are as for
     :func:`~segmentation.inference.sliding_window.sliding_window`, counting tiles for windows.
+
+    Raises:
+        ValueError: if neither ``depth`` nor ``total_strides`` is given, or ``total_strides``
+            has another number of axes than the tiles.
     """
     spatial = tuple(image.shape[2:])
+    if total_strides is None:
+        grids = [_grid(depth, None)] * len(output_size)
+    else:
+        grids = [int(g) for g in total_strides]
+        if len(grids) != len(output_size):
+            raise ValueError(f"total_strides {tuple(grids)} has {len(grids)} axes but the "
+                             f"tiles have {len(output_size)}")
     margins = [(i - o) // 2 for i, o in zip(input_size, output_size, strict=True)]
-    steps = [tile_step(o, depth) for o in output_size]
-    counts = _tile_counts(spatial, output_size, depth)
+    steps = [tile_step(o, grid=g) for o, g in zip(output_size, grids, strict=True)]
+    counts = _tile_counts(spatial, output_size, grids)
     covered = [st * (n - 1) + o for st, n, o in zip(steps, counts, output_size, strict=True)]
     padded = mirror_pad(image, [(m, m + c - s) for m, c, s in zip(margins, covered, spatial,
                                                                    strict=True)])

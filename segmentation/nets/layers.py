@@ -9,6 +9,7 @@ classes come from MONAI's layer factories, so there is exactly one place where "
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
@@ -34,23 +35,27 @@ def check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> str:
     return normalised
 
 
-def conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, *, padding: int = 0,
-         stride: int = 1, bias: bool = True) -> nn.Module:
+def conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int | Sequence[int], *,
+         padding: int | Sequence[int] = 0, stride: int | Sequence[int] = 1,
+         bias: bool = True) -> nn.Module:
     """A ``spatial_dims``-D convolution, (N, in_ch, *S) → (N, out_ch, *S').
 
-    ``kernel_size``, ``stride`` and ``padding`` (zeros, on each side) apply along every axis.
+    ``kernel_size``, ``stride`` and ``padding`` (zeros, on each side) are an int for every axis
+    or one value per axis, first axis first (e.g. kernel ``(1, 3, 3)``: in-plane only).
     """
     conv_type = Conv[Conv.CONV, spatial_dims]
     return conv_type(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=bias)
 
 
-def transposed_conv(spatial_dims: int, in_ch: int, out_ch: int, *, bias: bool = True) -> nn.Module:
-    """A 2× up-convolution (kernel 2, stride 2) as in the original U-Net.
+def transposed_conv(spatial_dims: int, in_ch: int, out_ch: int, *,
+                    factor: int | Sequence[int] = 2, bias: bool = True) -> nn.Module:
+    """An up-convolution with kernel = stride = ``factor`` (2: the original U-Net's 2×2).
 
-    Shapes: (N, in_ch, *S) → (N, out_ch, *2S).
+    ``factor`` is an int for every axis or one per axis (1 keeps an axis). Shapes:
+    (N, in_ch, *S) → (N, out_ch, *(S · factor)).
     """
     conv_type = Conv[Conv.CONVTRANS, spatial_dims]
-    return conv_type(in_ch, out_ch, kernel_size=2, stride=2, bias=bias)
+    return conv_type(in_ch, out_ch, kernel_size=factor, stride=factor, bias=bias)
 
 
 def norm(name: str | None, spatial_dims: int, channels: int) -> nn.Module:
@@ -86,28 +91,34 @@ def act(name: str) -> nn.Module:
     return Act[Act.RELU](inplace=True)
 
 
-def maxpool(spatial_dims: int) -> nn.Module:
-    """2× max-pooling over disjoint 2×2(×2) windows."""
-    return Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2)
+def maxpool(spatial_dims: int, factor: int | Sequence[int] = 2) -> nn.Module:
+    """Max-pooling over disjoint windows of ``factor`` voxels per axis (kernel = stride).
+
+    ``factor`` is an int for every axis (2: the U-Net's 2×2(×2) pooling) or one per axis, e.g.
+    ``(1, 2, 2)`` halves a volume in-plane only. Shapes: (N, C, *S) → (N, C, *(S / factor)).
+    """
+    return Pool[Pool.MAX, spatial_dims](kernel_size=factor, stride=factor)
 
 
-def upsample(name: str, spatial_dims: int, in_ch: int, out_ch: int, *, bias: bool = True
-             ) -> nn.Module:
-    """2× upsampling that also maps ``in_ch`` to ``out_ch`` channels.
+def upsample(name: str, spatial_dims: int, in_ch: int, out_ch: int, *,
+             factor: int | Sequence[int] = 2, bias: bool = True) -> nn.Module:
+    """Upsampling by ``factor`` (int or one per axis) that also maps ``in_ch`` to ``out_ch``.
 
-    ``"transpose"`` is the 2×2 up-convolution; ``"interpolate"`` is nearest-neighbour resizing
-    followed by a 1×1 convolution. Nearest (not linear) interpolation keeps every output voxel a
-    function of one input voxel, so tiled inference stays identical to a whole-image pass.
+    ``"transpose"`` is the up-convolution with kernel = stride = factor (2×2 by default);
+    ``"interpolate"`` is nearest-neighbour resizing by the factor followed by a 1×1
+    convolution. Nearest (not linear) interpolation keeps every output voxel a function of one
+    input voxel, so tiled inference stays identical to a whole-image pass.
 
-    Shapes: (N, in_ch, *S) → (N, out_ch, *2S). ``name`` is matched in any case.
+    Shapes: (N, in_ch, *S) → (N, out_ch, *(S · factor)). ``name`` is matched in any case.
 
     Raises:
         ValueError: for another name, listing the accepted ones.
     """
     name = check_choice("upsample", name, UPSAMPLES)
     if name == "transpose":
-        return transposed_conv(spatial_dims, in_ch, out_ch, bias=bias)
+        return transposed_conv(spatial_dims, in_ch, out_ch, factor=factor, bias=bias)
+    scale = factor if isinstance(factor, int) else tuple(float(f) for f in factor)
     return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Upsample(scale_factor=scale, mode="nearest"),
         conv(spatial_dims, in_ch, out_ch, 1, bias=bias),
     )

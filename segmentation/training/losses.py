@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
@@ -32,7 +34,8 @@ def deep_supervision_weights(outputs: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def deep_supervision_pair(output: torch.Tensor, label: torch.Tensor, level: int
+def deep_supervision_pair(output: torch.Tensor, label: torch.Tensor, level: int,
+                          strides: Sequence[int] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """An auxiliary output and the label on its grid, voxel for voxel.
 
@@ -51,6 +54,9 @@ def deep_supervision_pair(output: torch.Tensor, label: torch.Tensor, level: int
         output: (B, K, *T) logits of decoder level ``level``.
         label: (B, 1, *S) integer label of the main output.
         level: decoder level, 1 for half resolution.
+        strides: the level's factor per axis for networks that downsample axes differently
+            (``UNet.level_strides[level]``, e.g. (1, 4, 4)); default ``2**level`` on every
+            axis. The description above holds per axis with its own factor.
 
     Returns:
         The cropped output (B, K, *T') and its (B, 1, *T') label, of the label's dtype.
@@ -64,10 +70,11 @@ def deep_supervision_pair(output: torch.Tensor, label: torch.Tensor, level: int
     if output.ndim != label.ndim:
         raise ValueError(f"output {tuple(output.shape)} and label {tuple(label.shape)} differ "
                          "in dimensions; pass (B, K, *T) logits and a (B, 1, *S) label")
-    stride = 2 ** level
+    factors = tuple(strides) if strides is not None else (2 ** level,) * (label.ndim - 2)
     out_slices: list[slice] = [slice(None), slice(None)]
     label_slices: list[slice] = [slice(None), slice(None)]
-    for axis, (size, aux) in enumerate(zip(label.shape[2:], output.shape[2:], strict=True)):
+    for axis, (size, aux, stride) in enumerate(zip(label.shape[2:], output.shape[2:], factors,
+                                                   strict=True)):
         start = -((aux * stride - size) // 2)       # main-output index where the grid begins
         first = max(0, -(start // stride))          # first block with start + i·stride ≥ 0
         stop = min(aux, (size - start) // stride)   # blocks ending at or before ``size``
@@ -95,11 +102,15 @@ class SegmentationLoss(nn.Module):
 
     Args:
         loss: loss on (B, K, *S) logits and (B, 1, *S) integer labels.
+        level_strides: per level, the factor per axis between the output grid and the level's
+            (``UNet.level_strides``); None: ``2**level`` on every axis.
     """
 
-    def __init__(self, loss: nn.Module | None = None) -> None:
+    def __init__(self, loss: nn.Module | None = None,
+                 level_strides: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         self.loss = loss if loss is not None else default_loss()
+        self.level_strides = level_strides
 
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], label: torch.Tensor
@@ -119,7 +130,8 @@ class SegmentationLoss(nn.Module):
         for level, (weight, output) in enumerate(zip(weights[1:], outputs[1:], strict=True),
                                                  start=1):
             if weight > 0:
-                output, target = deep_supervision_pair(output, label, level)
+                strides = self.level_strides[level] if self.level_strides else None
+                output, target = deep_supervision_pair(output, label, level, strides)
                 loss = loss + weight * self.loss(output.float(), target)
             else:
                 # A zero gradient still reaches the output's head: DDP (without

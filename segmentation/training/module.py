@@ -19,7 +19,7 @@ from segmentation.data.preprocessing import Preprocessing
 from segmentation.evaluation.metrics import case_metrics, mean_per_class, write_case_table
 from segmentation.inference.checkpoint import RECORD_KEY, CheckpointRecord
 from segmentation.inference.predictor import Predictor
-from segmentation.inference.restore import check_finite, probabilities_on_scan
+from segmentation.inference.restore import check_finite, probabilities_on_scan, softmax_
 from segmentation.training.gather import gather_cases
 from segmentation.training.losses import SegmentationLoss
 from segmentation.training.nonfinite import NonFiniteLossPolicy
@@ -68,7 +68,7 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self.nonfinite = NonFiniteLossPolicy(nonfinite_loss, net)
         self.net = net
-        self.loss_fn = SegmentationLoss(loss)
+        self.loss_fn = SegmentationLoss(loss, getattr(net, "level_strides", None))
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.net_config = net_config or getattr(net, "config", None)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
@@ -287,5 +287,5 @@ class SegmentationModule(pl.LightningModule):
                                                logits, strict=True):
             check_finite(case_logits, image.meta.get("filename_or_obj", case_id))
             results.append({"case_id": case_id, "probabilities": probabilities_on_scan(
-                case_logits.float(), image, transform)})             # (K, *S)
+                softmax_(case_logits.float()), image, transform)})    # (K, *S)
         return results

@@ -12,6 +12,7 @@ from segmentation.inference.predictor import Predictor
 from segmentation.inference.tiling import (
     inference_tile,
     mirror_pad,
+    network_strides,
     overlap_tile,
     tile_step,
     voxels_read,
@@ -22,8 +23,9 @@ def whole_pass(net: UNet, image: torch.Tensor, input_size, output_size) -> torch
     """The reference: one forward pass over the mirror-padded scan, cropped to the scan."""
     spatial = image.shape[2:]
     pads = []
-    for n, i, o in zip(spatial, input_size, output_size, strict=True):
-        step = tile_step(o, net.depth)
+    grids = network_strides(net, len(spatial))
+    for n, i, o, grid in zip(spatial, input_size, output_size, grids, strict=True):
+        step = tile_step(o, grid=grid)
         covered = step * max(math.ceil((n - o) / step), 0) + o
         pads.append(((i - o) // 2, (i - o) // 2 + covered - n))
     padded = mirror_pad(image, pads)
@@ -50,6 +52,67 @@ def test_overlap_tile_equals_whole_scan_pass(dims, scan):
         reference = whole_pass(net, image, tile, out_tile)
     assert tiled.shape == (2, 3, *scan)
     assert (tiled - reference).abs().max().item() < 1e-4
+
+
+def anisotropic_net(dims: int) -> UNet:
+    """A "valid" network that convolves and pools the first axis less (thick slices)."""
+    torch.manual_seed(0)
+    plan = ({"features": (2, 4, 8), "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+             "strides": [[1, 2, 2], [2, 2, 2]]} if dims == 3
+            else {"features": (2, 4, 4, 8), "kernel_sizes": [[1, 3], [1, 3], [3, 3], [3, 3]],
+                  "strides": [[1, 2], [2, 2], [2, 2]]})
+    return UNet(spatial_dims=dims, in_channels=2, out_channels=3, padding="valid",
+                norm="batch", **plan).eval()
+
+
+@pytest.mark.parametrize(("dims", "scan", "min_tile"), [
+    (3, (19, 30, 17), (26, 56, 52)),   # several tiles along every axis, uneven remainders
+    (3, (5, 7, 6), (26, 56, 52)),      # smaller than one tile
+    (2, (40, 29), (44, 100)),          # total strides (4, 8): the first axis steps by 12
+    (2, (9, 40), (36, 100)),           # output 4 × 12: one tile's output less than 2**depth
+])
+def test_overlap_tile_equals_whole_scan_pass_for_an_anisotropic_network(dims, scan, min_tile):
+    net = anisotropic_net(dims)
+    tile = net.valid_input_shape(min_tile)
+    out_tile = net.output_shape(tile)
+    grids = net.total_strides
+    assert grids == ((2, 4, 4) if dims == 3 else (4, 8)) != (2 ** net.depth,) * dims
+    image = torch.randn(1, 2, *scan)
+    with torch.no_grad():
+        tiled = overlap_tile(net, image, tile, out_tile, total_strides=grids, batch_size=3)
+        reference = whole_pass(net, image, tile, out_tile)
+        predicted = Predictor(net, tile, tile_scale=4.0)(image)  # its own, larger tile
+    assert tiled.shape == predicted.shape == (1, 3, *scan)
+    assert (tiled - reference).abs().max().item() < 1e-4
+    assert (predicted - reference).abs().max().item() < 1e-4
+
+
+def test_anisotropic_tiles_step_by_the_total_stride_of_each_axis():
+    net = anisotropic_net(2)
+    tile = net.valid_input_shape((44, 100))
+    assert net.output_shape(tile) == (12, 12)
+    assert network_strides(net, 2) == (4, 8)
+    # the first axis may step by its whole output (12 = 3 · 4); 2**depth = 8 would step by 8
+    assert [tile_step(12, grid=g) for g in net.total_strides] == [12, 8]
+    assert tile_step(12, net.depth) == 8
+    counts = {}
+    image = torch.randn(1, 2, 36, 12)
+    for name, grid in (("per axis", {"total_strides": (4, 8)}), ("2**depth", {"depth": 3})):
+        calls = []
+        with torch.no_grad():
+            overlap_tile(net, image, tile, (12, 12), **grid,
+                         progress=lambda done, total, calls=calls: calls.append(total))
+        counts[name] = calls[-1]
+    assert counts == {"per axis": 3, "2**depth": 4}  # 36 = 12 + 2 · 12 versus 12 + 3 · 8
+
+
+def test_networks_without_total_strides_tile_on_the_2_to_the_depth_grid():
+    class Foreign(torch.nn.Module):
+        depth = 3
+
+    assert network_strides(Foreign(), 3) == (8, 8, 8)
+    with pytest.raises(ValueError, match=r"\(grid=\.\.\.\) or its depth"):
+        tile_step(12)
 
 
 def test_mirror_pad_reflects_repeatedly():

@@ -141,3 +141,23 @@ def test_an_overflowing_unweighted_output_does_not_poison_the_loss():
 def test_patch_too_small_for_a_level_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match="enlarge data.patch_size"):
         deep_supervision_pair(torch.zeros(1, 2, 2, 2), torch.zeros(1, 1, 3, 3), level=2)
+
+
+def test_per_axis_strides_pair_each_level_with_blocks_of_its_own_shape():
+    torch.manual_seed(0)
+    # level 1 halves only the second axis: its grid is (1, 2); the total strides are (4, 8)
+    net = UNet(spatial_dims=2, out_channels=3, features=(2, 4, 8, 8),
+               strides=[[1, 2], [2, 2], [2, 2]], deep_supervision=True)
+    main, aux1, aux2 = net.train()(torch.randn(1, 1, 13, 11))
+    assert main.shape[2:] == (13, 11) and aux1.shape[2:] == (16, 8)  # padded to (16, 16)
+    assert net.level_strides[1] == (1, 2)
+    # padding 3 and 5 puts 1 and 2 voxels before: level 1's blocks begin at (-1, -2)
+    rows = torch.arange(13) + 1
+    cols = torch.div(torch.arange(11) + 2, 2, rounding_mode="floor")
+    label = (rows[:, None] * 8 + cols[None, :])[None, None]    # the id of each voxel's block
+    output, target = deep_supervision_pair(own_ids((16, 8)), label, 1, net.level_strides[1])
+    assert torch.equal(output, own_ids((16, 8))[..., 1:14, 1:6])  # whole blocks only
+    assert torch.equal(target, output)
+    recording = Recording()  # and the loss hands the network's strides to the pairing
+    SegmentationLoss(recording, net.level_strides)([main, aux1, aux2], label)
+    assert recording.calls[1][1].shape[2:] == (13, 5)
