@@ -9,6 +9,7 @@ dataset's channels and labels, and every run gets its own versioned folder under
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -127,6 +128,22 @@ def check_weights_fit(path: str | Path, weights: dict[str, Any], net: nn.Module)
 
 # The CSV logger shares the run folder with TensorBoard and config.yaml by design.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+# Lightning 2.6's own use of a torch 2.13 deprecation, printed at every fit; nothing to act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        module=r"pytorch_lightning\.")
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing litlogger/litmodels" lines.
+
+    They advertise cloud services; every other message of Lightning's stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
 
 
 class SegmentationCLI(LightningCLI):

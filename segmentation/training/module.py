@@ -73,8 +73,10 @@ class SegmentationModule(pl.LightningModule):
         self.net_config = net_config or getattr(net, "config", None)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         self.hparams["net_config"] = self.net_config
-        # A compiled *function*, not a module attribute, so the state dict keeps only "net.*".
-        self._forward = torch.compile(net.forward) if compile else net.forward
+        # A compiled *function*, not a module attribute, so the state dict keeps only "net.*";
+        # uncompiled, the network's __call__, so module hooks (the model summary's sizes and
+        # FLOPs per layer) see the call.
+        self._forward = torch.compile(net.forward) if compile else net.__call__
         # Filled from the data module at fit/validate/test time, or from a checkpoint.
         self.preprocessing: Preprocessing | None = None
         self.label_names: dict[int, str] = {}

@@ -105,6 +105,15 @@ class PredictionWriter(BasePredictionWriter):
         self.started = time.time()
         self._tick = time.monotonic()
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Every process writes into the first process's folder.
+
+        Processes that torchrun or SLURM start together each name the run's next version
+        folder; one of them may already see the first one's, so the first one decides.
+        """
+        if stage == "predict":
+            self.output_dir = Path(trainer.strategy.broadcast(str(self.output_dir), src=0))
+
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Start the clock of the batch's scans."""

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,14 @@ def fit_args(root: Path, runs: Path, dims: int, padding: str, *extra: str) -> li
             "--data.root", str(root), "--data.n_folds", "2", "--data.num_workers", "0",
             "--data.patch_size", str(list(patch)), "--data.batch_size", "2",
             "--data.cache", "none", *extra]
+
+
+def test_a_first_fit_prints_real_flops_and_no_adverts(tiny3d, tmp_path, capsys):
+    SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same", "--trainer.fast_dev_run", "true"))
+    out = capsys.readouterr()
+    flops = re.search(r"Total FLOPs: (\S+)", out.out)
+    assert flops and flops.group(1) != "0"  # one training patch through the network
+    assert "💡" not in out.out + out.err and "LeafSpec" not in out.out + out.err
 
 
 @pytest.mark.parametrize(("dims", "padding", "slice_axis"), [
@@ -215,7 +224,8 @@ def test_ddp_two_processes_validate_like_one_and_only_rank_zero_writes(tmp_path)
     base = fit_args(root, runs, 3, "same")[1:]  # without the subcommand
     # trained by 2 processes, with deep supervision whose lowest output has weight 0: every
     # parameter must still take part in each step, or DDP stops at the second one
-    fitted = run_cli("fit", *base, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+    fitted = run_cli("fit", *base, "--trainer.max_steps", "3", "--data.patches_per_epoch", "8",
+                     "--trainer.check_val_every_n_epoch", "1",  # a validation after 2 steps
                      "--trainer.strategy", "ddp", "--trainer.devices", "2")
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     assert "sync_dist" not in fitted.stdout + fitted.stderr  # epoch values reduced as they should
