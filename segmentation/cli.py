@@ -14,6 +14,7 @@ from segmentation.evaluation.commands import add_evaluate_command
 from segmentation.inference.commands import add_infer_command, root_cause
 from segmentation.instruments.landscape_command import add_landscape_command
 from segmentation.instruments.plot_command import add_plot_command
+from segmentation.planning.commands import add_plan_command
 from segmentation.study.commands import add_study_command
 from segmentation.summary import add_summary_command
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         # Listed here for --help; the arguments are LightningCLI's (segmentation fit --help).
         subparsers.add_parser(name, help=help_text, add_help=False)
     add_data_commands(subparsers)
+    add_plan_command(subparsers)
     add_infer_command(subparsers)
     add_evaluate_command(subparsers)
     add_summary_command(subparsers)

@@ -1,5 +1,5 @@
-"""The package's layers point one way: nets ← data ← inference, evaluation ← training ←
-instruments ← study ← cli."""
+"""The package's layers point one way: nets ← data ← inference, evaluation, planning ←
+training ← instruments ← study ← cli."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ LAYERS = {
     "__init__": 1, "atomic": 0, "config": 0,
     "nets": 1,
     "data": 2,
-    "inference": 3, "evaluation": 3,
+    "inference": 3, "evaluation": 3, "planning": 3,
     "training": 4,
     "instruments": 5,
     "study": 6,
@@ -58,6 +58,25 @@ def test_no_module_imports_a_layer_above_its_own():
             if target.split(".")[0] == "segmentation" and LAYERS[top_level(target)] > layer:
                 upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
     assert not upward, "\n".join(upward)
+
+
+PLANNING_MAY_IMPORT = {"planning", "nets", "data", "atomic", "config"}
+
+
+def test_planning_imports_only_nets_data_atomic_config_and_only_the_cli_imports_it():
+    """planning sits beside inference but uses neither inference nor evaluation, and no layer
+    but the command line uses it: training and the rest never depend on a plan."""
+    found = []
+    for name, path in modules():
+        for line, target in imports(path):
+            if target.split(".")[0] != "segmentation":
+                continue
+            where = f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}"
+            if top_level(name) == "planning" and top_level(target) not in PLANNING_MAY_IMPORT:
+                found.append(where)
+            if top_level(target) == "planning" and top_level(name) not in ("planning", "cli"):
+                found.append(where)
+    assert not found, "\n".join(found)
 
 
 def test_inference_and_evaluation_import_no_lightning():
