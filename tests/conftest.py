@@ -7,6 +7,7 @@ copy a dataset before changing it (data modules write their ``splits.json`` into
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,12 @@ import torch
 
 from segmentation import UNet
 from segmentation.data.synth import generate_dataset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on two cores: one thread each (and for the commands
+    # the tests start), instead of two threads each fighting over the cores.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # A small synthetic dataset: enough cases to plant one problem per case.
 SYNTH_CASES = 9

@@ -42,6 +42,10 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: windows per forward pass in validation.
         mirror_tta: mirror test-time augmentation in validation and test.
         compile: run the network through ``torch.compile``.
+        channels_last: train and validate in channels-last memory format (the network's
+            weights and every batch): oneDNN's 3D convolutions on the CPU run about 15 % faster
+            so (measured for the quickstart network); on GPUs leave it off, it made every
+            peer network slower there.
         nonfinite_loss: what a NaN or infinite loss on any process does: "stop" or "skip"
             (see :class:`NonFiniteLossPolicy`).
         test_hd95: compute HD95 in ``test``.
@@ -61,6 +65,7 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: int = 2,
         mirror_tta: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
         nonfinite_loss: str = "stop",
         test_hd95: bool = True,
         net_config: dict[str, Any] | None = None,
@@ -90,10 +95,14 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ plumbing
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """(B, C, *S) → (B, K, *S') logits (a list with deep supervision while training)."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=_channels_last(x.ndim))
         return self._forward(x)
 
     def setup(self, stage: str) -> None:
         """Take label names and the fitted preprocessing from the data module."""
+        if self.hparams.channels_last and self.hparams.patch_size is not None:
+            self.net.to(memory_format=_channels_last(len(self.hparams.patch_size) + 2))
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and getattr(datamodule, "preprocessing", None) is None:
             datamodule.setup(stage)
@@ -159,7 +168,8 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError("patch_size is not set; the CLI links it from data.patch_size")
         return Predictor(self.net, self.hparams.patch_size, overlap=self.hparams.overlap,
                          batch_size=self.hparams.sw_batch_size, mirror=self.hparams.mirror_tta,
-                         slice_axis=self.hparams.slice_axis)
+                         slice_axis=self.hparams.slice_axis,
+                         channels_last=self.hparams.channels_last)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -291,3 +301,8 @@ class SegmentationModule(pl.LightningModule):
             results.append({"case_id": case_id, "probabilities": probabilities_on_scan(
                 softmax_(case_logits.float()), image, transform)})    # (K, *S)
         return results
+
+
+def _channels_last(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of a (B, C, *S) tensor of ``ndim`` axes."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last

@@ -78,3 +78,19 @@ def test_compiled_network_matches_eager_and_keeps_the_state_dict_plain():
     with torch.no_grad():
         assert torch.allclose(module(x), net(x), atol=1e-5)
     assert all(key.startswith("net.") for key in module.state_dict())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_changes_the_memory_layout_not_the_logits(dims):
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=dims, out_channels=3, features=(4, 8))
+    reference = copy.deepcopy(net).eval()
+    module = SegmentationModule(net, patch_size=(16,) * dims, channels_last=True)
+    module.setup("fit")
+    layout = torch.channels_last_3d if dims == 3 else torch.channels_last
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d)
+             and m.kernel_size != (1,) * dims]
+    assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+    x = torch.randn(2, 1, *(16,) * dims)
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(x), reference(x), atol=1e-5, rtol=1e-5)
