@@ -21,8 +21,10 @@ install: $(BIN)/segmentation
 lint: install
 	$(BIN)/ruff check segmentation tests scripts
 
+# Two pytest workers (one per core of the 2-core reference machine; one thread each, see
+# tests/conftest.py): many tests wait on subprocesses and file I/O, so two overlap well.
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 demo: install
 	$(BIN)/python scripts/demo.py

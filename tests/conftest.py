@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -129,6 +130,18 @@ def tiny3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny3d")
     generate_dataset(root, cases=4, test_cases=1, seed=1, shape=(32, 32, 20))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _rank_zero_after_each_test():
+    """Lightning's cluster environments set the process-wide rank (``rank_zero_only.rank``); a
+    test posing as a second DDP process must not leave the next test in this process rank 1."""
+    yield
+    if "pytorch_lightning" in sys.modules:
+        from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only as rank_zero
+
+        rank_zero.rank = fabric_rank_zero.rank = 0
 
 
 # ------------------------------------------------------------------ volumes and networks
