@@ -34,7 +34,8 @@ def plot_learning_curves(metrics_csv: str | Path, out: str | Path) -> Path:
     for key, label in (("train/loss_epoch", "train loss"), ("val/loss", "val loss")):
         if key in series:
             xs, ys = zip(*series[key], strict=True)
-            loss_ax.plot(xs, ys, label=label, alpha=0.8)
+            loss_ax.plot(xs, ys, label=label, alpha=0.8,
+                         marker="o" if key == "val/loss" else None)  # validations may be few
     loss_ax.set_xlabel("epoch")
     loss_ax.set_title("loss")
     loss_ax.legend()
@@ -43,6 +44,7 @@ def plot_learning_curves(metrics_csv: str | Path, out: str | Path) -> Path:
         dice_ax.plot(xs, ys, marker="o", label=key.removeprefix("val/"),
                      linewidth=2.5 if key == "val/dice" else 1.0)
     dice_ax.set_xlabel("epoch")
+    dice_ax.set_xlim(loss_ax.get_xlim())  # one epoch axis for both panels
     dice_ax.set_ylim(0, 1)
     dice_ax.set_title("validation Dice")
     dice_ax.legend()
