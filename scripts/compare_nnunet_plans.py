@@ -172,18 +172,11 @@ def ours(folder: Path, gpu_memory: float) -> dict[str, dict]:
 
 
 def show(value: object) -> str:
-    """Per-level lists compactly: ``133×2 333×5`` for ``[[1,3,3],[1,3,3],[3,3,3]...]``."""
+    """A plan field as text; per-level lists as the plan table writes them."""
+    from segmentation.planning.table import runs
+
     if isinstance(value, tuple) and value and isinstance(value[0], tuple):
-        parts, previous, count = [], None, 0
-        for entry in list(value) + [None]:
-            if entry == previous:
-                count += 1
-                continue
-            if previous is not None:
-                text = "".join(str(v) for v in previous)
-                parts.append(f"{text}×{count}" if count > 1 else text)
-            previous, count = entry, 1
-        return " ".join(parts)
+        return runs(value)  # the plan table's notation: ``1×3×3 ×2, 3×3×3 ×5``
     if isinstance(value, int) and value > 100_000:
         return f"{value:,}"
     if isinstance(value, tuple):
