@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -135,8 +136,14 @@ def tiny3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _rank_zero_after_each_test():
     """Lightning's cluster environments set the process-wide rank (``rank_zero_only.rank``); a
-    test posing as a second DDP process must not leave the next test in this process rank 1."""
+    test posing as a second DDP process must not leave the next test in this process rank 1.
+
+    Ctrl-C handling is restored too: Lightning ignores SIGINT after a KeyboardInterrupt in
+    ``fit`` (so a second Ctrl-C cannot break its shutdown) and does not undo it; a later test in
+    the same process would then see Ctrl-C do nothing, also in the commands it starts.
+    """
     yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if "pytorch_lightning" in sys.modules:
         from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero
         from pytorch_lightning.utilities.rank_zero import rank_zero_only as rank_zero
