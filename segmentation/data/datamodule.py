@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from segmentation.atomic import write_text_atomic
+from segmentation.data.augmentation_settings import AUGMENT_ON, AugmentationSettings
+from segmentation.data.batch_augmentation import BatchAugmentation
 from segmentation.data.cache_keys import file_state_hash, passed_check_marker, volume_cache_dir
 from segmentation.data.check import check_dataset
 from segmentation.data.fitted_preprocessing import load_or_fit_preprocessing
@@ -51,6 +53,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             non-zero voxels only (zeros stay 0), as nnU-Net.
         foreground_fraction: share of patches forced to show foreground.
         augment: random augmentation of training patches.
+        augment_on: where it runs: "cpu" (per patch, MONAI's transforms, in the loader
+            workers), "device" (batched on the training device after transfer: the workers only
+            cut windows; :mod:`segmentation.data.batch_augmentation`) or "auto" (the device when
+            training on a GPU, else the CPU). 2D slice mode augments on the CPU.
+        augmentation: probabilities and ranges of the augmentation, any fields of
+            :class:`~segmentation.data.augmentation_settings.AugmentationSettings` (the rest
+            keep nnU-Net's defaults), e.g. ``{rotation_probability: 0.3}``; both places read
+            them.
         slice_axis: 2D slice mode: train a 2D network on slices along this axis of 3D volumes.
         check: run the integrity check before anything else (stops on errors).
         preprocessing: fitted preprocessing to reuse (from a checkpoint) instead of fitting.
@@ -77,6 +87,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         crop_foreground: bool = False,
         foreground_fraction: float = 1 / 3,
         augment: bool = True,
+        augment_on: str = "auto",
+        augmentation: dict[str, Any] | None = None,
         slice_axis: int | None = None,
         check: bool = True,
         preprocessing: dict[str, Any] | None = None,
@@ -92,6 +104,13 @@ class SegmentationDataModule(pl.LightningDataModule):
                                    ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"data.{name}={value!r}: choose a whole number >= {least}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"data.augment_on={augment_on!r} is not supported; choose one of "
+                             f"{', '.join(AUGMENT_ON)}")
+        if augment_on == "device" and slice_axis is not None:
+            raise ValueError("data.augment_on='device' covers 3D patches; 2D slice mode "
+                             "(data.slice_axis) augments with albumentations on the CPU: choose "
+                             "cpu or auto")
         if not 0 <= foreground_fraction <= 1:
             raise ValueError(f"data.foreground_fraction={foreground_fraction}: choose a share "
                              "between 0 and 1 (nnU-Net: 0.33)")
@@ -102,6 +121,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.spacing, self.normalization, self.orientation = spacing, normalization, orientation
         self.crop_foreground, self.foreground_fraction = crop_foreground, foreground_fraction
         self.augment, self.slice_axis, self.check = augment, slice_axis, check
+        self.augment_on = augment_on
+        self.augmentation = AugmentationSettings.from_value(augmentation)
+        self.batch_augmentation: BatchAugmentation | None = None  # set by train_dataloader
         self.preprocessing = Preprocessing.from_dict(preprocessing) if preprocessing else None
         self.predict_files = predict_files
         self.input_size = tuple(int(s) for s in patch_size)
@@ -202,31 +224,88 @@ class SegmentationDataModule(pl.LightningDataModule):
         Its seed mixes ``torch.initial_seed()`` (set by ``seed_everything``) with the trainer's
         global rank (0 without a trainer), so seeded runs stay reproducible.
         """
+        return torch.Generator().manual_seed(self.rank_seed())
+
+    def rank_seed(self, purpose: str = "") -> int:
+        """A seed from ``torch.initial_seed()``, the DDP rank and what it is for.
+
+        The loader's generator uses ``purpose=""``; the device augmentation its own purpose, so
+        the two random streams are independent.
+        """
         rank = int(self.trainer.global_rank) if self.trainer is not None else 0
-        state = np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1, np.uint64)
-        return torch.Generator().manual_seed(int(state[0]))
+        entropy = [torch.initial_seed(), rank, *(ord(c) for c in purpose)]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+    def augments_on_device(self) -> bool:
+        """Whether training batches are augmented on the device (``augment_on``, resolved).
+
+        "auto" picks the device when the trainer trains on a GPU (any accelerator but the CPU)
+        and the patches are 3D.
+        """
+        if not self.augment or self.slice_axis is not None or self.augment_on == "cpu":
+            return False
+        if self.augment_on == "device":
+            return True
+        return self._training_device_type() != "cpu"
+
+    def _training_device_type(self) -> str:
+        """"cuda", "cpu", ... of the trainer's root device ("cpu" without a trainer)."""
+        strategy = getattr(self.trainer, "strategy", None)
+        return getattr(getattr(strategy, "root_device", None), "type", "cpu")
 
     def train_dataloader(self) -> DataLoader:
         """Batches {"image": (B, C, *input_size), "label": (B, 1, *output_size)}.
+
+        With device augmentation the loader gives windows instead (see
+        :meth:`augments_on_device`), image and label (B, C or 1, *window), which
+        :meth:`on_after_batch_transfer` augments and cuts to those shapes on the device.
 
         Lightning re-creates the loader with a DistributedSampler under DDP from the arguments
         given here, the rank's ``generator`` included.
         """
         volumes = self.volumes(self.train_cases)
+        generator = self.train_generator()
+        self.batch_augmentation = None
         if self.slice_axis is not None:
             patches: TorchDataset = RandomSlices(
                 volumes, self.slice_axis, self.input_size, self.output_size,
                 self.patches_per_epoch, foreground_fraction=self.foreground_fraction,
-                augment=self.augment, seed=self.split_seed)
+                augment=self.augment, seed=self.split_seed, settings=self.augmentation)
         else:
+            window = None
+            if self.augments_on_device():
+                self.batch_augmentation = BatchAugmentation(
+                    self.augmentation, self.input_size, self.output_size,
+                    seed=self.rank_seed("device augmentation"))
+                window = self.batch_augmentation.window_size
             transform = patch_transforms(len(self.input_size), self.input_size, self.output_size,
                                          foreground_fraction=self.foreground_fraction,
-                                         augment=self.augment)
+                                         augment=self.augment, settings=self.augmentation,
+                                         window_size=window)
             patches = RandomPatches(volumes, transform, self.patches_per_epoch)
+        pin = self._training_device_type() == "cuda"
         return DataLoader(patches, batch_size=self.batch_size, shuffle=True,
                           num_workers=self.num_workers, drop_last=False,
-                          persistent_workers=self.num_workers > 0,
-                          generator=self.train_generator())
+                          persistent_workers=self.num_workers > 0, pin_memory=pin,
+                          generator=generator)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment a training batch of windows on its device (device augmentation only).
+
+        Args:
+            batch: {"image": (B, C, *window), "label": (B, 1, *window)} on the device.
+            dataloader_idx: unused.
+
+        Returns:
+            {"image": (B, C, *input_size), "label": (B, 1, *output_size)}; batches of
+            validation, test and predict pass unchanged.
+        """
+        trainer = self.trainer
+        if (self.batch_augmentation is None or trainer is None or not trainer.training
+                or not isinstance(batch, dict)):
+            return batch
+        image, label = self.batch_augmentation(batch["image"], batch["label"])
+        return {**batch, "image": image, "label": label}
 
     def val_dataloader(self) -> DataLoader:
         """Whole preprocessed volumes, one per batch: image (1, C, *S), label (1, 1, *S)."""

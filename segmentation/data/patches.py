@@ -9,6 +9,7 @@ is written here; everything after it (spatial and intensity augmentation) is MON
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -26,8 +27,12 @@ from monai.transforms import (
     RandGaussianSmoothd,
     Randomizable,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
 )
 from torch.utils.data import Dataset
+
+from segmentation.data.augmentation_settings import AugmentationSettings
 
 CLASS_LOCATIONS = "class_locations"
 
@@ -188,53 +193,110 @@ def present_classes(label: np.ndarray) -> np.ndarray:
     return np.unique(label[label > 0])
 
 
-def intensity_augmentation(spatial_dims: int) -> list[Any]:
+def intensity_augmentation(spatial_dims: int,
+                           settings: AugmentationSettings | None = None) -> list[Any]:
     """nnU-Net's intensity augmentation of ``image`` with MONAI's transforms, 2D or 3D.
 
-    Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15), gamma (p 0.3). Shared by the 3D
-    patches and the 2D slices (see :func:`~segmentation.data.slices.slice_augmentation`).
+    Gaussian noise, blur, brightness, contrast, simulated low resolution and gamma, with the
+    probabilities and ranges of ``settings`` (defaults: nnU-Net's); a step with probability 0
+    is left out. Shared by the 3D patches and the 2D slices (see
+    :func:`~segmentation.data.slices.slice_augmentation`); the batched device path
+    (:mod:`segmentation.data.batch_augmentation`) does the same steps in the same order.
     """
-    sigma = {"sigma_x": (0.5, 1.0), "sigma_y": (0.5, 1.0)}
-    if spatial_dims == 3:
-        sigma["sigma_z"] = (0.5, 1.0)
-    return [
-        RandGaussianNoised("image", prob=0.1, std=0.1),
-        RandGaussianSmoothd("image", prob=0.2, **sigma),
-        RandScaleIntensityd("image", factors=0.25, prob=0.15),
-        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+    s = settings or AugmentationSettings()
+    sigma = {f"sigma_{axis}": s.blur_sigma for axis in "xyz"[:spatial_dims]}
+    steps = [
+        (s.noise_probability, lambda: RandGaussianNoised("image", prob=s.noise_probability,
+                                                         std=s.noise_std)),
+        (s.blur_probability, lambda: RandGaussianSmoothd("image", prob=s.blur_probability,
+                                                         **sigma)),
+        (s.brightness_probability, lambda: RandScaleIntensityd(
+            "image", factors=_factor_range(s.brightness_range), prob=s.brightness_probability)),
+        (s.contrast_probability, lambda: RandScaleIntensityFixedMeand(
+            "image", factors=_factor_range(s.contrast_range), prob=s.contrast_probability,
+            fixed_mean=True, preserve_range=True)),
+        (s.low_resolution_probability, lambda: RandSimulateLowResolutiond(
+            "image", prob=s.low_resolution_probability, zoom_range=s.low_resolution_zoom,
+            downsample_mode="nearest",
+            upsample_mode="bilinear" if spatial_dims == 2 else "trilinear")),
+        (s.gamma_probability, lambda: RandAdjustContrastd(
+            "image", prob=s.gamma_probability, gamma=s.gamma_range, retain_stats=True)),
     ]
+    return [make() for probability, make in steps if probability > 0]
+
+
+def _factor_range(bounds: tuple[float, float]) -> float | tuple[float, float]:
+    """MONAI's ``factors`` (x · (1 + factor)) for a factor range: symmetric ones as one number."""
+    low, high = bounds[0] - 1, bounds[1] - 1
+    return round(high, 12) if abs(low + high) < 1e-12 else (low, high)
+
+
+def spatial_augmentation(spatial_dims: int, settings: AugmentationSettings) -> list[Any]:
+    """Rotation, scaling (MONAI's RandAffined, reflection padding) and mirroring of both keys."""
+    keys, s = ["image", "label"], settings
+    steps: list[Any] = []
+    if s.rotation_probability > 0:
+        rotate = (math.radians(s.rotation_degrees),) * (1 if spatial_dims == 2 else 3)
+        steps.append(RandAffined(keys, prob=s.rotation_probability, rotate_range=rotate,
+                                 mode=("bilinear", "nearest"), padding_mode="reflection"))
+    if s.scaling_probability > 0:
+        steps.append(RandAffined(keys, prob=s.scaling_probability,
+                                 scale_range=(_factor_range(s.scaling_range),) * spatial_dims,
+                                 mode=("bilinear", "nearest"), padding_mode="reflection"))
+    if s.mirror_probability > 0:
+        steps += [RandFlipd(keys, prob=s.mirror_probability, spatial_axis=axis)
+                  for axis in range(spatial_dims)]
+    return steps
 
 
 def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: Sequence[int], *,
-                     foreground_fraction: float = 1 / 3, augment: bool = True) -> Compose:
+                     foreground_fraction: float = 1 / 3, augment: bool = True,
+                     settings: AugmentationSettings | None = None,
+                     window_size: Sequence[int] | None = None) -> Compose:
     """Preprocessed volume → training patch pair (see :class:`ForegroundOversampledCropd`).
 
-    nnU-Net's augmentation, with MONAI's transforms: rotation and scaling (p 0.2 each), mirroring
-    along every axis and :func:`intensity_augmentation`; ``augment=False`` gives plain crops.
+    nnU-Net's augmentation with MONAI's transforms, per patch: :func:`spatial_augmentation`
+    and :func:`intensity_augmentation`, with ``settings``; ``augment=False`` gives plain crops.
+
+    With ``window_size`` the chain only cuts windows for the batched device augmentation
+    (:class:`~segmentation.data.batch_augmentation.BatchAugmentation`): ``image`` and ``label``
+    both (C or 1, *window_size), centred on the patch, unaugmented, labels uint8 where they fit.
 
     Returns:
         A Compose giving ``image`` (C, *input_size) float32 and ``label`` (1, *output_size)
-        int64 tensors.
+        int64 tensors (or the windows, see above).
     """
-    keys = ["image", "label"]
+    if window_size is not None:
+        return Compose([
+            ForegroundOversampledCropd("image", "label", window_size, output_size,
+                                       foreground_fraction),
+            EnsureTyped("image", dtype=torch.float32, track_meta=False),
+            _CompactLabeld("label"),
+        ])
     steps: list[Any] = [ForegroundOversampledCropd("image", "label", input_size, output_size,
                                                    foreground_fraction)]
     if augment:
-        rotate = (np.pi / 6,) * (1 if spatial_dims == 2 else 3)
-        steps += [
-            RandAffined(keys, prob=0.2, rotate_range=rotate, mode=("bilinear", "nearest"),
-                        padding_mode="reflection"),
-            RandAffined(keys, prob=0.2, scale_range=(0.3,) * spatial_dims,
-                        mode=("bilinear", "nearest"), padding_mode="reflection"),
-            *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)],
-            *intensity_augmentation(spatial_dims),
-        ]
+        settings = settings or AugmentationSettings()
+        steps += [*spatial_augmentation(spatial_dims, settings),
+                  *intensity_augmentation(spatial_dims, settings)]
     steps += [
         CenterSpatialCropd("label", roi_size=output_size),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
     return Compose(steps)
+
+
+class _CompactLabeld(MapTransform):
+    """Labels as uint8 tensors when every value fits (8× less to copy to the device)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])
+            fits = label.numel() == 0 or (int(label.min()) >= 0 and int(label.max()) < 256)
+            d[key] = label.to(torch.uint8 if fits else torch.long)
+        return d
 
 
 class RandomPatches(Dataset):

@@ -16,6 +16,7 @@ import torch
 from monai.transforms import Compose, Randomizable
 from torch.utils.data import Dataset
 
+from segmentation.data.augmentation_settings import AugmentationSettings
 from segmentation.data.patches import (
     ForegroundOversampledCropd,
     class_locations,
@@ -24,20 +25,25 @@ from segmentation.data.patches import (
 from segmentation.nets.spatial import center_crop
 
 
-def slice_augmentation() -> A.Compose:
-    """nnU-Net-like 2D spatial augmentation: rotation and scaling (p 0.2 each), mirroring.
+def slice_augmentation(settings: AugmentationSettings | None = None) -> A.Compose:
+    """nnU-Net-like 2D spatial augmentation: rotation, scaling and mirroring, as ``settings``.
 
-    Only the geometric part: albumentations' noise, blur and brightness treat float images as
+    albumentations scales both axes by one factor (3D patches draw one per axis). Only the
+    geometric part: albumentations' noise, blur and brightness treat float images as
     [0, 1] and would clip normalised intensities, so those come from
     :func:`~segmentation.data.patches.intensity_augmentation` (MONAI's, as in 3D).
     """
+    s = settings or AugmentationSettings()
+    degrees = s.rotation_degrees
     return A.Compose([
-        A.Affine(rotate=(-30, 30), p=0.2, interpolation=cv2.INTER_LINEAR,
-                 mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REFLECT_101),
-        A.Affine(scale=(0.7, 1.4), p=0.2, interpolation=cv2.INTER_LINEAR,
-                 mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REFLECT_101),
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
+        A.Affine(rotate=(-degrees, degrees), p=s.rotation_probability,
+                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_REFLECT_101),
+        A.Affine(scale=s.scaling_range, p=s.scaling_probability,
+                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_REFLECT_101),
+        A.HorizontalFlip(p=s.mirror_probability),
+        A.VerticalFlip(p=s.mirror_probability),
     ])
 
 
@@ -62,11 +68,13 @@ class RandomSlices(Randomizable, Dataset):
         output_size: 2D network output size for it.
         length: number of patches per epoch.
         seed: initial seed (MONAI's DataLoader replaces it per worker).
+        settings: augmentation probabilities and ranges (default: nnU-Net's).
     """
 
     def __init__(self, volumes: Dataset, axis: int, input_size: Sequence[int],
                  output_size: Sequence[int], length: int, *, foreground_fraction: float = 1 / 3,
-                 augment: bool = True, seed: int = 0) -> None:
+                 augment: bool = True, seed: int = 0,
+                 settings: AugmentationSettings | None = None) -> None:
         if axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {axis}")
         self.volumes, self.axis, self.length = volumes, axis, length
@@ -75,8 +83,8 @@ class RandomSlices(Randomizable, Dataset):
                                                foreground_fraction)
         self.foreground_fraction = foreground_fraction
         self.augment = augment
-        self.spatial = slice_augmentation()
-        self.intensity = Compose(intensity_augmentation(2))
+        self.spatial = slice_augmentation(settings)
+        self.intensity = Compose(intensity_augmentation(2, settings))
         self.set_random_state(seed)
 
     def __len__(self) -> int:

@@ -180,3 +180,60 @@ def test_cached_volumes_are_not_read_or_preprocessed_again(synth_medium, tmp_pat
     assert len(calls) == 2  # served from the cache, not preprocessed again
     assert all(a["image"].equal(f["image"]) and "class_locations" in a
                for a, f in zip(again, first, strict=True))
+
+
+# ------------------------------------------------------------------ where augmentation runs
+
+
+def fake_trainer(device: str, training: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(training=training, global_rank=0,
+                           strategy=SimpleNamespace(root_device=torch.device(device)))
+
+
+def test_device_augmentation_cuts_windows_and_augments_after_transfer(synth_medium):
+    net = UNet(spatial_dims=3, features=(4, 8), padding="valid")
+    patch = net.valid_input_shape((24, 24, 20))
+    output = net.output_shape(patch)
+    dm = SegmentationDataModule(str(synth_medium), patch_size=patch, batch_size=3,
+                                patches_per_epoch=6, num_workers=0, cache="memory", check=False,
+                                network=net, augment_on="device",
+                                augmentation={"rotation_probability": 1.0})
+    dm.setup("fit")
+    dm.trainer = fake_trainer("cpu")
+    assert dm.augments_on_device()  # "device" on a CPU-only trainer: runs on the CPU
+    windows = next(iter(dm.train_dataloader()))
+    window = dm.batch_augmentation.window_size
+    assert all(w > p for w, p in zip(window, patch, strict=True))
+    assert windows["image"].shape == (3, 1, *window) and windows["label"].shape == (3, 1, *window)
+    assert windows["label"].dtype == torch.uint8
+    batch = dm.on_after_batch_transfer(windows, 0)
+    assert batch["image"].shape == (3, 1, *patch) and batch["label"].shape == (3, 1, *output)
+    assert batch["label"].dtype == torch.long
+    centre = tuple(slice((w - p) // 2, (w - p) // 2 + p) for w, p in zip(window, patch,
+                                                                         strict=True))
+    assert not torch.allclose(batch["image"], windows["image"][(..., *centre)])  # rotated
+    dm.trainer = fake_trainer("cpu", training=False)  # validation batches pass unchanged
+    assert dm.on_after_batch_transfer(windows, 0) is windows
+
+
+@pytest.mark.parametrize(("augment_on", "device", "expected"), [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("cpu", "cuda", False),
+    ("device", "cpu", True)])
+def test_augment_on_auto_picks_the_device_only_when_training_on_a_gpu(synth_medium, augment_on,
+                                                                        device, expected):
+    dm = SegmentationDataModule(str(synth_medium), augment_on=augment_on, check=False)
+    dm.trainer = fake_trainer(device)
+    assert dm.augments_on_device() is expected
+    dm.augment = False
+    assert not dm.augments_on_device()
+
+
+def test_augmentation_choices_are_refused_with_the_key(synth_medium):
+    with pytest.raises(ValueError, match=r"data\.augment_on='gpu' is not supported; choose one "
+                                         r"of auto, cpu, device"):
+        SegmentationDataModule(str(synth_medium), augment_on="gpu")
+    with pytest.raises(ValueError, match=r"augment_on='device' covers 3D patches"):
+        SegmentationDataModule(str(synth_medium), augment_on="device", slice_axis=0,
+                               patch_size=(32, 32))
+    with pytest.raises(ValueError, match=r"data\.augmentation\.blur_probability=-0\.1"):
+        SegmentationDataModule(str(synth_medium), augmentation={"blur_probability": -0.1})

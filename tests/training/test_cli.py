@@ -104,6 +104,38 @@ def test_fast_dev_run_fit(dims, padding, slice_axis, tiny2d, tiny3d, tmp_path):
     assert 0.0 <= float(metrics["val/dice"]) <= 1.0  # whole-volume validation ran
 
 
+def test_fit_with_device_augmentation_on_a_cpu_trainer(tiny3d, tmp_path):
+    """``data.augment_on device`` without a GPU: batched augmentation runs on the CPU."""
+    cli = SegmentationCLI(args=fit_args(
+        tiny3d, tmp_path, 3, "valid", "--trainer.fast_dev_run", "true", "--data.augment", "true",
+        "--data.augment_on", "device",
+        "--data.augmentation", "{rotation_probability: 1.0, scaling_probability: 1.0}"))
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    augmentation = cli.datamodule.batch_augmentation
+    assert augmentation is not None and augmentation.settings.rotation_probability == 1.0
+    assert all(w > i for w, i in zip(augmentation.window_size, augmentation.input_size,
+                                     strict=True))
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--data.augment_on", "gpu"],
+     "error: data.augment_on='gpu' is not supported; choose one of auto, cpu, device"),
+    (["--data.augmentation", "{gamma_range: [1.5, 0.7]}"],
+     "error: data.augmentation.gamma_range=[1.5, 0.7]: low 1.5 is above high 0.7"),
+    (["--data.augmentation", "{mirror_probabilty: 0.5}"],
+     "error: data.augmentation.mirror_probabilty is not a setting; choose from "),
+])
+def test_bad_augmentation_options_are_refused_in_one_line(tiny3d, tmp_path, capsys, option,
+                                                          message):
+    from segmentation.cli import main
+
+    assert main(fit_args(tiny3d, tmp_path, 3, "same", *option)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message)
+    assert not (tmp_path / "test").exists()  # refused before any run folder
+
+
 def test_dataset_failing_its_check_stops_training_before_any_epoch(tiny3d, tmp_path):
     import shutil
 

@@ -1,0 +1,319 @@
+"""Augmentation of whole batches on the training device, so a GPU never waits for CPU workers.
+
+Per-sample augmentation with MONAI's transforms on CPU workers yields a few 128³ patches per
+second per worker, while one compiled training step consumes dozens: the GPU starves. Here
+the CPU workers only cut windows (:func:`~segmentation.data.augmentation_settings.
+augmentation_window`: the patch plus the margin rotation and scaling need), and this module
+applies the same augmentation as :func:`~segmentation.data.patches.patch_transforms`, with the
+same probabilities and ranges (:class:`AugmentationSettings`), batched on whatever device the
+batch is on. It is our own because MONAI's and Lightning's augmentations work per sample.
+
+Order (as the CPU chain): rotation and scaling in one resampling (``grid_sample``; the CPU
+chain resamples twice), mirroring, Gaussian noise, blur, brightness, contrast, simulated low
+resolution, gamma. Labels are resampled by nearest neighbour, as the CPU chain does: a one-hot
++ linear + argmax resampling would smooth borders slightly better but costs a float map per
+class, which is memory the GPU needs for the network, and would make the two paths differ.
+
+Every random number is drawn on the host from one numpy generator (seeded per DDP rank by the
+data module), so no decision reads a device value back: the step never synchronises with the
+host for augmentation. Noise values are drawn on the device from a generator seeded from it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation.data.augmentation_settings import (
+    AugmentationSettings,
+    augmentation_window,
+    rotation_matrices,
+)
+
+_BLUR_TRUNCATED = 4.0  # MONAI GaussianFilter's truncation, in sigmas
+
+
+@dataclass
+class AugmentationDraw:
+    """Per-sample random parameters of one batch; the first axis of every array is the sample.
+
+    Each step has a boolean ``do_*`` mask and its parameters (drawn for every sample; used
+    where the mask is set).
+    """
+
+    do_rotate: np.ndarray           # (B,)
+    angles: np.ndarray              # (B, 1) in 2D or (B, 3) in 3D, radians
+    do_scale: np.ndarray            # (B,)
+    scales: np.ndarray              # (B, d)
+    mirror: np.ndarray              # (B, d)
+    do_noise: np.ndarray            # (B,)
+    noise_std: np.ndarray           # (B,)
+    do_blur: np.ndarray             # (B,)
+    blur_sigma: np.ndarray          # (B, d)
+    do_brightness: np.ndarray       # (B,)
+    brightness: np.ndarray          # (B,)
+    do_contrast: np.ndarray         # (B,)
+    contrast: np.ndarray            # (B,)
+    do_low_resolution: np.ndarray   # (B,)
+    zoom: np.ndarray                # (B,)
+    do_gamma: np.ndarray            # (B,)
+    gamma: np.ndarray               # (B,)
+
+    def matrices(self) -> np.ndarray:
+        """(B, d, d) maps from output to input coordinates: rotation @ scaling (MONAI's)."""
+        angles = np.where(self.do_rotate[:, None], self.angles, 0.0)
+        scales = np.where(self.do_scale[:, None], self.scales, 1.0)
+        dims = scales.shape[1]
+        return rotation_matrices(angles) @ (np.eye(dims)[None] * scales[:, None, :])
+
+
+def draw_parameters(settings: AugmentationSettings, batch_size: int, spatial_dims: int,
+                    rng: np.random.Generator) -> AugmentationDraw:
+    """Draw every sample's parameters, with the CPU chain's distributions.
+
+    Args:
+        settings: probabilities and ranges.
+        batch_size: samples B.
+        spatial_dims: 2 or 3.
+        rng: the host generator.
+    """
+    b, d = batch_size, spatial_dims
+    angle = math.radians(settings.rotation_degrees)
+
+    def chance(p: float, *shape: int) -> np.ndarray:
+        return rng.random((b, *shape)) < p
+
+    def uniform(bounds: tuple[float, float], *shape: int) -> np.ndarray:
+        return rng.uniform(bounds[0], bounds[1], size=(b, *shape))
+
+    return AugmentationDraw(
+        do_rotate=chance(settings.rotation_probability),
+        angles=rng.uniform(-angle, angle, size=(b, 1 if d == 2 else 3)),
+        do_scale=chance(settings.scaling_probability),
+        scales=uniform(settings.scaling_range, d),
+        mirror=chance(settings.mirror_probability, d),
+        do_noise=chance(settings.noise_probability),
+        noise_std=rng.uniform(0.0, settings.noise_std, size=b),
+        do_blur=chance(settings.blur_probability),
+        blur_sigma=uniform(settings.blur_sigma, d),
+        do_brightness=chance(settings.brightness_probability),
+        brightness=uniform(settings.brightness_range),
+        do_contrast=chance(settings.contrast_probability),
+        contrast=uniform(settings.contrast_range),
+        do_low_resolution=chance(settings.low_resolution_probability),
+        zoom=uniform(settings.low_resolution_zoom),
+        do_gamma=chance(settings.gamma_probability),
+        gamma=uniform(settings.gamma_range),
+    )
+
+
+class BatchAugmentation:
+    """Windows cut by the CPU workers → augmented training batches, on the batch's device.
+
+    Args:
+        settings: probabilities and ranges (the CPU chain's).
+        input_size: the network's input patch.
+        output_size: the network's output patch; labels are cropped to it last.
+        seed: seed of the host generator (the data module mixes in the DDP rank).
+        window_size: size of the windows the workers cut; default
+            :func:`augmentation_window`.
+    """
+
+    def __init__(self, settings: AugmentationSettings, input_size: Sequence[int],
+                 output_size: Sequence[int], seed: int = 0,
+                 window_size: Sequence[int] | None = None) -> None:
+        self.settings = settings
+        self.input_size = tuple(int(s) for s in input_size)
+        self.output_size = tuple(int(s) for s in output_size)
+        self.window_size = tuple(int(s) for s in window_size) if window_size else \
+            augmentation_window(self.input_size, self.output_size, settings)
+        if any(w < i for w, i in zip(self.window_size, self.input_size, strict=True)):
+            raise ValueError(f"window {self.window_size} is smaller than the input patch "
+                             f"{self.input_size}")
+        self.spatial_dims = len(self.input_size)
+        self.rng = np.random.default_rng(seed)
+        self._device_generators: dict[str, torch.Generator] = {}
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor,
+                 draw: AugmentationDraw | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch.
+
+        Args:
+            image: (B, C, *window) float windows.
+            label: (B, 1, *window) integer windows.
+            draw: the parameters; drawn from the host generator when None.
+
+        Returns:
+            image (B, C, *input_size) float32 and label (B, 1, *output_size) int64.
+        """
+        if tuple(image.shape[2:]) != self.window_size or image.shape[2:] != label.shape[2:]:
+            raise ValueError(f"expected windows of {self.window_size}, got image "
+                             f"{tuple(image.shape[2:])} and label {tuple(label.shape[2:])}")
+        if draw is None:
+            draw = draw_parameters(self.settings, image.shape[0], self.spatial_dims, self.rng)
+        image, label = self.spatial(image.float(), label, draw)     # (B, C|1, *input_size)
+        image, label = self.mirror(image, label, draw)
+        image = self.intensity(image, draw)
+        return image, _center_crop(label, self.output_size).long()
+
+    # ------------------------------------------------------------------ spatial
+    def spatial(self, image: torch.Tensor, label: torch.Tensor, draw: AugmentationDraw
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate and scale about the window's centre and cut the input patch, in one step.
+
+        Samples that are neither rotated nor scaled are cut out exactly (no interpolation).
+        """
+        image_out = _center_crop(image, self.input_size).clone()    # (B, C, *in)
+        label_out = _center_crop(label, self.input_size).clone()    # (B, 1, *in)
+        moved = np.flatnonzero(draw.do_rotate | draw.do_scale)
+        if moved.size:
+            grid = self.sampling_grid(draw.matrices()[moved], image.device)  # (k, *in, d)
+            index = torch.as_tensor(moved, device=image.device)
+            image_out[index] = F.grid_sample(image[index], grid, mode="bilinear",
+                                             padding_mode="reflection", align_corners=True)
+            label_out[index] = F.grid_sample(label[index].float(), grid, mode="nearest",
+                                             padding_mode="reflection",
+                                             align_corners=True).to(label.dtype)
+        return image_out, label_out
+
+    def sampling_grid(self, matrices: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``grid_sample`` grid: output voxel p (centred) reads input voxel M p (centred).
+
+        Args:
+            matrices: (k, d, d) output-to-input maps in array-axis order.
+            device: where the grid is built.
+
+        Returns:
+            (k, *input_size, d) coordinates in [-1, 1], last axis in grid_sample's (x, y[, z])
+            order, i.e. array axes reversed, for ``align_corners=True``.
+        """
+        axes = [torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
+                for n in self.input_size]
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)   # (*in, d)
+        maps = torch.as_tensor(matrices, dtype=torch.float32, device=device)  # (k, d, d)
+        source = torch.einsum("kij,...j->k...i", maps, points)              # (k, *in, d)
+        half = torch.tensor([(w - 1) / 2 for w in self.window_size], device=device)
+        normalised = source / half.clamp(min=0.5)                            # centred → [-1, 1]
+        return normalised.flip(-1)
+
+    # ------------------------------------------------------------------ mirroring
+    @staticmethod
+    def mirror(image: torch.Tensor, label: torch.Tensor, draw: AugmentationDraw
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flip each sample along the axes its draw chose."""
+        for axis in range(draw.mirror.shape[1]):
+            chosen = np.flatnonzero(draw.mirror[:, axis])
+            if chosen.size:
+                index = torch.as_tensor(chosen, device=image.device)
+                image[index] = image[index].flip(2 + axis)
+                label[index] = label[index].flip(2 + axis)
+        return image, label
+
+    # ------------------------------------------------------------------ intensity
+    def intensity(self, image: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
+        """Noise, blur, brightness, contrast, low resolution and gamma, each on its samples."""
+        steps = ((draw.do_noise, self._noise), (draw.do_blur, self._blur),
+                 (draw.do_brightness, self._brightness), (draw.do_contrast, self._contrast),
+                 (draw.do_low_resolution, self._low_resolution), (draw.do_gamma, self._gamma))
+        for chosen, step in steps:
+            rows = np.flatnonzero(chosen)
+            if rows.size:
+                index = torch.as_tensor(rows, device=image.device)
+                image[index] = step(image[index], rows, draw)
+        return image
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._device_generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(self.rng.integers(2**62)))
+            self._device_generators[key] = generator
+        return self._device_generators[key]
+
+    def _noise(self, x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+        """MONAI RandGaussianNoise: + N(0, std²), std drawn from [0, noise_std]."""
+        std = _per_sample(draw.noise_std[rows], x)
+        noise = torch.randn(x.shape, generator=self._generator(x.device), device=x.device)
+        return x + noise * std
+
+    def _blur(self, x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+        """MONAI RandGaussianSmooth: separable erf-sampled Gaussian, zero padding."""
+        k, channels = x.shape[:2]
+        spatial = x.shape[2:]
+        sigmas = draw.blur_sigma[rows]                                   # (k, d)
+        tails = np.floor(np.maximum(sigmas * _BLUR_TRUNCATED, 0.5) + 0.5).astype(int)
+        reach = int(tails.max())
+        offsets = torch.arange(-reach, reach + 1, device=x.device, dtype=torch.float32)
+        conv = (F.conv2d, F.conv3d)[len(spatial) - 2]
+        out = x.reshape(1, k * channels, *spatial)
+        for axis in range(len(spatial)):
+            sigma = torch.as_tensor(sigmas[:, axis], dtype=torch.float32, device=x.device)
+            t = (0.70710678 / sigma)[:, None]                            # (k, 1)
+            kernel = (0.5 * (torch.erf(t * (offsets + 0.5)) - torch.erf(t * (offsets - 0.5)))
+                      ).clamp(min=0)                                     # (k, 2R+1)
+            tail = torch.as_tensor(tails[:, axis], device=x.device)[:, None]
+            kernel = torch.where(offsets.abs()[None] <= tail, kernel, 0.0)
+            shape = [1] * len(spatial)
+            shape[axis] = 2 * reach + 1
+            weight = kernel.repeat_interleave(channels, dim=0).reshape(k * channels, 1, *shape)
+            padding = [0] * len(spatial)
+            padding[axis] = reach
+            out = conv(out, weight, padding=padding, groups=k * channels)
+        return out.reshape(k, channels, *spatial)
+
+    @staticmethod
+    def _brightness(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+        """MONAI RandScaleIntensity: x · factor (one factor for all channels)."""
+        return x * _per_sample(draw.brightness[rows], x)
+
+    @staticmethod
+    def _contrast(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+        """MONAI RandScaleIntensityFixedMean (fixed mean, range kept): (x − m)·f + m, clipped."""
+        flat = x.flatten(1)
+        mean, low, high = (_per_sample(v, x) for v in (flat.mean(1), flat.amin(1),
+                                                        flat.amax(1)))
+        out = (x - mean) * _per_sample(draw.contrast[rows], x) + mean
+        return torch.minimum(torch.maximum(out, low), high)
+
+    @staticmethod
+    def _low_resolution(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw
+                        ) -> torch.Tensor:
+        """MONAI RandSimulateLowResolution: nearest down to zoom·size, (bi/tri)linear back up."""
+        spatial = tuple(x.shape[2:])
+        linear = "bilinear" if len(spatial) == 2 else "trilinear"
+        out = torch.empty_like(x)
+        for i, zoom in enumerate(draw.zoom[rows]):  # each sample its own coarse size
+            coarse = tuple(max(1, int(np.round(s * zoom))) for s in spatial)
+            small = F.interpolate(x[i:i + 1], size=coarse, mode="nearest")
+            out[i:i + 1] = F.interpolate(small, size=spatial, mode=linear, align_corners=False)
+        return out
+
+    @staticmethod
+    def _gamma(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+        """MONAI AdjustContrast with retain_stats: gamma on [0, 1]-rescaled x, mean/std kept."""
+        flat = x.flatten(1)
+        mean, std = _per_sample(flat.mean(1), x), _per_sample(flat.std(1), x)
+        low = _per_sample(flat.amin(1), x)
+        span = _per_sample(flat.amax(1), x) - low
+        out = ((x - low) / (span + 1e-7)) ** _per_sample(draw.gamma[rows], x) * span + low
+        out_flat = out.flatten(1)
+        out = (out - _per_sample(out_flat.mean(1), x)) / (_per_sample(out_flat.std(1), x) + 1e-8)
+        return out * std + mean
+
+
+def _per_sample(values: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(k,) values → (k, 1, ..., 1) broadcastable against ``like`` (k, C, *S)."""
+    values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The centre (*size) of the spatial axes of (B, C, *S), as a view."""
+    starts = [(n - s) // 2 for n, s in zip(x.shape[2:], size, strict=True)]
+    return x[(slice(None), slice(None), *(slice(a, a + s) for a, s in zip(starts, size,
+                                                                        strict=True)))]
