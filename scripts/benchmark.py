@@ -42,6 +42,7 @@ import copy
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,6 +89,10 @@ def emit(record: dict) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["train"]:  # training-step speed: scripts/benchmark_train.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from benchmark_train import main as train_main
+        return train_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--volume", type=int, nargs=3, default=None)

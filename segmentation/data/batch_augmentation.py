@@ -167,51 +167,71 @@ class BatchAugmentation:
         """Rotate and scale about the window's centre and cut the input patch, in one step.
 
         Samples that are neither rotated nor scaled are cut out exactly (no interpolation).
+        Each moved sample is resampled from a view of its own window: indexing the batch
+        with a list of samples would copy whole windows, several times the patch.
         """
         image_out = _center_crop(image, self.input_size).clone()    # (B, C, *in)
         label_out = _center_crop(label, self.input_size).clone()    # (B, 1, *in)
         moved = np.flatnonzero(draw.do_rotate | draw.do_scale)
         if moved.size:
             grid = self.sampling_grid(draw.matrices()[moved], image.device)  # (k, *in, d)
-            index = torch.as_tensor(moved, device=image.device)
-            image_out[index] = F.grid_sample(image[index], grid, mode="bilinear",
-                                             padding_mode="reflection", align_corners=True)
-            label_out[index] = F.grid_sample(label[index].float(), grid, mode="nearest",
-                                             padding_mode="reflection",
-                                             align_corners=True).to(label.dtype)
+            half = torch.tensor([(w - 1) / 2 for w in self.window_size[::-1]],
+                                device=image.device)
+            for j, i in enumerate(moved.tolist()):
+                image_out[i] = F.grid_sample(image[i:i + 1], grid[j:j + 1], mode="bilinear",
+                                             padding_mode="reflection", align_corners=True)[0]
+                label_out[i] = self.nearest(label[i], (grid[j] + 1) * half)
         return image_out, label_out
 
     def sampling_grid(self, matrices: np.ndarray, device: torch.device) -> torch.Tensor:
-        """``grid_sample`` grid: output voxel p (centred) reads input voxel M p (centred).
+        """``grid_sample`` grid: output voxel p (centred) reads window voxel M p (centred).
+
+        Built by ``affine_grid`` from M expressed in normalised coordinates,
+        diag(2/(w−1)) · M · diag((n−1)/2), axes reversed to grid_sample's (x, y[, z]) order.
 
         Args:
             matrices: (k, d, d) output-to-input maps in array-axis order.
             device: where the grid is built.
 
         Returns:
-            (k, *input_size, d) coordinates in [-1, 1], last axis in grid_sample's (x, y[, z])
-            order, i.e. array axes reversed, for ``align_corners=True``.
+            (k, *input_size, d) coordinates in [-1, 1] for ``align_corners=True``.
         """
-        axes = [torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
-                for n in self.input_size]
-        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)   # (*in, d)
-        maps = torch.as_tensor(matrices, dtype=torch.float32, device=device)  # (k, d, d)
-        source = torch.einsum("kij,...j->k...i", maps, points)              # (k, *in, d)
-        half = torch.tensor([(w - 1) / 2 for w in self.window_size], device=device)
-        normalised = source / half.clamp(min=0.5)                            # centred → [-1, 1]
-        return normalised.flip(-1)
+        window = np.asarray(self.window_size, dtype=np.float64)
+        size = np.asarray(self.input_size, dtype=np.float64)
+        normalised = (np.diag(2 / np.maximum(window - 1, 1))[None] @ matrices
+                      @ np.diag((size - 1) / 2)[None])                      # (k, d, d)
+        reverse = normalised[:, ::-1, ::-1]                                  # x, y[, z] order
+        theta = np.concatenate([reverse, np.zeros((len(matrices), len(size), 1))], axis=2)
+        theta = torch.as_tensor(theta, dtype=torch.float32, device=device)
+        return F.affine_grid(theta, [len(matrices), 1, *self.input_size], align_corners=True)
+
+    def nearest(self, label: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Nearest-neighbour resampling of one label window, as integers (no float copy).
+
+        Args:
+            label: (1, *window) integer labels.
+            position: (*input_size, d) window voxel coordinates to read, grid_sample's axis
+                order (x = the last array axis first).
+
+        Returns:
+            (1, *input_size) labels of ``label``'s dtype.
+        """
+        index = torch.zeros(position.shape[:-1], dtype=torch.long, device=position.device)
+        for axis, size in enumerate(self.window_size):
+            voxel = torch.round(position[..., len(self.window_size) - 1 - axis]).long()
+            index = index * size + voxel.clamp_(0, size - 1)
+        return label.reshape(-1)[index.reshape(-1)].reshape(1, *self.input_size)
 
     # ------------------------------------------------------------------ mirroring
     @staticmethod
     def mirror(image: torch.Tensor, label: torch.Tensor, draw: AugmentationDraw
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Flip each sample along the axes its draw chose."""
-        for axis in range(draw.mirror.shape[1]):
-            chosen = np.flatnonzero(draw.mirror[:, axis])
-            if chosen.size:
-                index = torch.as_tensor(chosen, device=image.device)
-                image[index] = image[index].flip(2 + axis)
-                label[index] = label[index].flip(2 + axis)
+        for i, axes in enumerate(draw.mirror.tolist()):
+            dims = [1 + axis for axis, flip in enumerate(axes) if flip]  # of (C, *S)
+            if dims:
+                image[i] = image[i].flip(dims)
+                label[i] = label[i].flip(dims)
         return image, label
 
     # ------------------------------------------------------------------ intensity

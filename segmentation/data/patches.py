@@ -122,19 +122,19 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
         """Decide whether this patch is forced to show foreground."""
         self._force_foreground = self.R.rand() < self.foreground_fraction
 
-    def _pad(self, array: np.ndarray) -> tuple[np.ndarray, list[int]]:
-        """Mirror-pad by the margin, then up to the window size; returns the padding before.
+    def _padding(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Shape of the scan mirror-padded by the margin, then up to the window; padding before.
 
         numpy's "reflect" (the edge voxel is not repeated) is overlap-tile's mirror padding
         at inference, so the border context a network learns is the one it is given later.
+        Only the window is ever materialised (:func:`reflect_window`).
         """
-        pads = [(0, 0)]
-        before = []
-        for n, size, margin in zip(array.shape[1:], self.input_size, self.margin, strict=True):
+        padded, before = [], []
+        for n, size, margin in zip(shape, self.input_size, self.margin, strict=True):
             extra = max(size - (n + 2 * margin), 0)
-            pads.append((margin + extra // 2, margin + extra - extra // 2))
             before.append(margin + extra // 2)
-        return np.pad(array, pads, mode="reflect"), before
+            padded.append(n + 2 * margin + extra)
+        return padded, before
 
     def _window_start(self, voxels: np.ndarray, padded_shape: Sequence[int],
                       before: Sequence[int]) -> list[int]:
@@ -176,16 +176,48 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
         """
         d = dict(data)
         d.pop(CLASS_LOCATIONS, None)
-        image, before = self._pad(np.asarray(d[self.image_key], dtype=np.float32))
+        image = np.asarray(d[self.image_key], dtype=np.float32)
         label = np.asarray(d[self.label_key])
+        padded, before = self._padding(image.shape[1:])
         empty = np.empty((0, label.ndim - 1), dtype=np.int64)
-        start = self._window_start(empty if voxels is None else voxels, image.shape[1:], before)
-        label, _ = self._pad(label)
-        window = (slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, self.input_size,
-                                                                          strict=True))
-        d[self.image_key] = torch.from_numpy(np.ascontiguousarray(image[window]))
-        d[self.label_key] = torch.from_numpy(np.ascontiguousarray(label[window]))
+        start = self._window_start(empty if voxels is None else voxels, padded, before)
+        origin = [s - b for s, b in zip(start, before, strict=True)]  # in scan coordinates
+        d[self.image_key] = torch.from_numpy(reflect_window(image, origin, self.input_size))
+        d[self.label_key] = torch.from_numpy(reflect_window(label, origin, self.input_size))
         return d
+
+
+def reflect_window(array: np.ndarray, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``array``'s window at ``origin`` of ``size`` (spatial axes), mirrored where it leaves.
+
+    Equal to cutting the window out of ``np.pad(array, ..., mode="reflect")`` with enough
+    padding, but reads only the window's voxels: padding a whole CT scan for every patch costs
+    more than the rest of the patch's preparation.
+
+    Args:
+        array: (C, *S).
+        origin: the window's first voxel per spatial axis, in ``array``'s coordinates (may be
+            negative or reach beyond S).
+        size: the window's size per spatial axis.
+
+    Returns:
+        (C, *size), contiguous.
+    """
+    reads, pads, cuts = [], [], []
+    for o, n, length in zip(origin, size, array.shape[1:], strict=True):
+        before, after = max(0, -o), max(0, o + n - length)
+        first, stop = max(o, 0), min(o + n, length)
+        # mirrored voxels must come from what is read: extend the read where they lie beyond
+        first = max(0, min(first, length - 1 - after)) if after else first
+        stop = min(length, max(stop, before + 1)) if before else stop
+        reads.append(slice(first, stop))
+        pads.append((before, after))
+        offset = o - (first - before)                  # the window's start in the padded read
+        cuts.append(slice(offset, offset + n))
+    window = array[(slice(None), *reads)]
+    if any(p != (0, 0) for p in pads):
+        window = np.pad(window, [(0, 0), *pads], mode="reflect")
+    return np.ascontiguousarray(window[(slice(None), *cuts)])
 
 
 def present_classes(label: np.ndarray) -> np.ndarray:

@@ -100,8 +100,8 @@ def test_the_window_holds_every_rotation_and_scaling_of_the_patch():
     corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
     reach = np.abs(draw.matrices() @ corners).max(axis=(0, 2))          # (3,) voxels
     assert np.all(reach + 1 <= (np.asarray(window) - 1) / 2)  # + 1: linear interpolation
-    grid = BatchAugmentation(settings, input_size, output_size).sampling_grid(
-        draw.matrices()[:20], torch.device("cpu"))
+    augmentation = BatchAugmentation(settings, input_size, output_size)
+    grid = augmentation.sampling_grid(draw.matrices()[:20], torch.device("cpu"))
     assert grid.abs().max() <= 1.0  # the grid never reads outside the window
     assert augmentation_window(input_size, output_size, NOTHING) == input_size
 

@@ -14,6 +14,7 @@ from segmentation.data.patches import (
     ForegroundOversampledCropd,
     RandomPatches,
     patch_transforms,
+    reflect_window,
 )
 from segmentation.inference.tiling import mirror_pad
 
@@ -115,9 +116,25 @@ def test_training_patches_pass_the_record_to_the_crop(monkeypatch, two_class_vol
 def test_training_crops_mirror_pad_as_overlap_tile_does():
     crop = ForegroundOversampledCropd("image", "label", (20, 9, 7), (4, 5, 7))
     image = np.random.default_rng(0).standard_normal((2, 3, 1, 6)).astype(np.float32)
-    padded, before = crop._pad(image)
+    shape, before = crop._padding(image.shape[1:])
     assert before == [8, 4, 0]
+    padded = reflect_window(image, [-b for b in before], shape)  # the whole padded scan
     pads = [(b, s - n - b) for b, s, n in zip(before, padded.shape[1:], image.shape[1:],
                                               strict=True)]
     expected = mirror_pad(torch.from_numpy(image)[None], pads)[0].numpy()
     assert np.array_equal(padded, expected)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7])
+def test_reflect_window_equals_a_window_of_numpy_reflect_padding(length):
+    rng = np.random.default_rng(length)
+    array = rng.normal(size=(2, length, 5, 4))
+    pad = 12
+    padded = np.pad(array, [(0, 0), (pad, pad), (pad, pad), (pad, pad)], mode="reflect")
+    size = (9, 4, 6)
+    for _ in range(30):
+        origin = [int(rng.integers(-pad, s + pad - n + 1))
+                  for s, n in zip(array.shape[1:], size, strict=True)]
+        window = tuple(slice(o + pad, o + pad + n) for o, n in zip(origin, size, strict=True))
+        np.testing.assert_array_equal(reflect_window(array, origin, size),
+                                      padded[(slice(None), *window)])
