@@ -10,7 +10,9 @@ starts after --loader-warmup batches (worker start-up, allocator).
 "fit": end-to-end `Trainer.fit` throughput (patches/s over real steps with augmentation) of
 our U-Net on that data, as a fraction of its pure step rate: the same fit on one batch already
 on the device (no loading, no augmentation). Lightning's per-step work is in both, so the
-fraction is what the data pipeline costs.
+fraction is what the data pipeline costs. With --sync-debug on CUDA each fit also reports
+every host-device synchronisation by the line that caused it (a training step should have
+none; the timings of such a run include the warnings' cost).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -129,7 +133,7 @@ def fit_section(args: argparse.Namespace, device: torch.device, common: dict,
     precision = "bf16-mixed" if args.dtype == "bf16" else "32-true"
     steps, warmup = args.steps, args.warmup
 
-    def fit(module: SegmentationModule, **data: object) -> float:
+    def fit(module: SegmentationModule, label: str, **data: object) -> float:
         clock = StepClock(device)
         trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision,
                              max_steps=warmup + steps, limit_val_batches=0, logger=False,
@@ -137,7 +141,22 @@ def fit_section(args: argparse.Namespace, device: torch.device, common: dict,
                              enable_model_summary=False, num_sanity_val_steps=0,
                              gradient_clip_val=12, callbacks=[clock],
                              default_root_dir=str(cache_root))
-        trainer.fit(module, **data)
+        if not (args.sync_debug and device.type == "cuda"):
+            trainer.fit(module, **data)
+            return clock.seconds_per_step(warmup)
+        # every host-device synchronisation of the whole fit, by the line that caused it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.fit(module, **data)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        places = Counter(f"{w.filename}:{w.lineno}" for w in caught
+                         if "synchroniz" in str(w.message))
+        emit({"benchmark": "train_fit", "method": f"synchronisations_{label}",
+              "steps": warmup + steps, "total": sum(places.values()),
+              "by_place": dict(places.most_common(12)), **common})
         return clock.seconds_per_step(warmup)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -150,7 +169,7 @@ def fit_section(args: argparse.Namespace, device: torch.device, common: dict,
         batch = next(iter(dm.train_dataloader()))                    # one augmented batch
         resident = {k: v.to(device) for k, v in batch.items()}
         # batch_size=None: the loader hands out the resident batch itself, no collation
-        pure = fit(module, train_dataloaders=torch.utils.data.DataLoader(
+        pure = fit(module, "one_batch_on_device", train_dataloaders=torch.utils.data.DataLoader(
             [resident] * (warmup + steps + 1), batch_size=None))
         emit({"benchmark": "train_fit", "method": "one_batch_on_device",
               "seconds_per_step": round(pure, 4),
@@ -162,7 +181,7 @@ def fit_section(args: argparse.Namespace, device: torch.device, common: dict,
             length = args.batch_size * (warmup + steps + 1)
             dm = data_module(root, cache_root / f"cache_{augment_on}", args.patch,
                              args.batch_size, args.fit_workers, augment_on, length, network=net)
-            real = fit(module, datamodule=dm)
+            real = fit(module, f"augment_on_{augment_on}", datamodule=dm)
             emit({"benchmark": "train_fit", "method": f"augment_on_{augment_on}",
                   "workers": args.fit_workers, "seconds_per_step": round(real, 4),
                   "patches_per_second": round(args.batch_size / real, 2),
@@ -189,6 +208,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-augment-on", nargs="+", default=None,
                         choices=("cpu", "device"),
                         help="fit: where augmentation runs (default: device, cpu)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="fit on CUDA: count host-device synchronisations per source line "
+                             "(torch.cuda.set_sync_debug_mode; the timing then includes the "
+                             "warnings' cost)")
 
 
 def fill_defaults(args: argparse.Namespace, gpu: bool) -> None:
