@@ -14,6 +14,9 @@ $(BIN)/segmentation: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# nnU-Net's PlainConvUNet for the training benchmark's peer test; --no-deps: its timm and
+	# einops serve other architectures (and timm would pull torchvision)
+	$(BIN)/python -m pip install -q --no-deps "dynamic-network-architectures>=0.4,<0.5"
 	touch $(BIN)/segmentation
 
 install: $(BIN)/segmentation

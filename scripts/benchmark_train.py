@@ -1,7 +1,8 @@
 """Training-step speed and memory: our U-Net against nnU-Net's PlainConvUNet and MONAI's DynUNet.
 
-Sections (--sections picks them, run in the order given; all three by default):
-"networks", "loader" and "fit" (the last two: scripts/benchmark_train_data.py's docstring).
+Sections (--sections picks them, run in the order given; all by default): "networks",
+"augmentation", "loader" and "fit" (the last three: scripts/benchmark_train_data.py's
+docstring).
 
 Section "networks" times whole optimizer steps of three networks of the same architecture, in
 one process, on the same random batch: ours (`segmentation.UNet` as
@@ -76,15 +77,19 @@ from benchmark_train_data import (  # noqa: E402  (scripts/ is no package)
     add_arguments as add_data_arguments,
 )
 from benchmark_train_data import (  # noqa: E402
+    augmentation_section,
+    fit_section,
+    synthetic_dataset,
+)
+from benchmark_train_data import (  # noqa: E402
     fill_defaults as fill_data_defaults,
 )
-from benchmark_train_data import fit_section, synthetic_dataset  # noqa: E402
 from benchmark_train_data import loader_section as data_loader_section  # noqa: E402
 
 PLAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "unet3d_plain.yaml"
 BENCH_HINT = "pip install -e '.[bench]'"
 OURS, NNUNET, DYNUNET = "segmentation_unet", "nnunet_plain_conv_unet", "monai_dynunet"
-SECTIONS = ("networks", "loader", "fit")
+SECTIONS = ("networks", "augmentation", "loader", "fit")
 # What configs/model/unet3d_plain.yaml must say for the peers below to be the same network.
 PLAIN_SETTINGS = {"spatial_dims": 3, "padding": "same", "encoder_block": "plain",
                   "downsample": "conv", "upsample": "transpose", "norm": "instance",
@@ -468,6 +473,11 @@ def _dataset(args: argparse.Namespace) -> Path:
     return Path(args._synthetic.name)
 
 
+def augmentation_only_section(args: argparse.Namespace, device: torch.device, common: dict
+                              ) -> None:
+    augmentation_section(args, device, common, emit)
+
+
 def loader_section(args: argparse.Namespace, device: torch.device, common: dict) -> None:
     data_loader_section(args, device, common, emit, _dataset(args))
 
@@ -482,7 +492,8 @@ def fit_throughput_section(args: argparse.Namespace, device: torch.device, commo
 
 
 SECTION_RUNNERS: dict[str, Callable[[argparse.Namespace, torch.device, dict], None]] = {
-    "networks": networks_section, "loader": loader_section, "fit": fit_throughput_section}
+    "networks": networks_section, "augmentation": augmentation_only_section,
+    "loader": loader_section, "fit": fit_throughput_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

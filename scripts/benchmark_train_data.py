@@ -1,4 +1,8 @@
-"""Sections "loader" and "fit" of `scripts/benchmark.py train`: does the data pipeline keep up?
+"""Sections "augmentation", "loader" and "fit" of `scripts/benchmark.py train`: does the data
+pipeline keep up?
+
+"augmentation": the augmentation alone, MONAI's chain per patch (as the CPU workers run it)
+against the batched path (as the device runs it), same settings, same device, no loading.
 
 "loader": patches/s of the real training DataLoader (SegmentationDataModule on a synthetic
 dataset of --scan-sized volumes, or --data), with the per-sample CPU chain (MONAI's transforms
@@ -60,7 +64,15 @@ def _sync(device: torch.device) -> None:
 
 def loader_rate(dm: SegmentationDataModule, device: torch.device, batches: int,
                 warmup: int) -> float:
-    """Patches/s delivered to ``device`` (augmented) after ``warmup`` batches."""
+    """Patches/s delivered to ``device`` (augmented), in steady state.
+
+    The workers fill a queue of ``2 × workers`` batches (PyTorch's prefetch) while they start;
+    those are taken first, with ``warmup`` more, and at least ``4 × workers`` batches are
+    timed, so the rate is the workers' production rate, not the emptying of a full queue.
+    """
+    workers = dm.num_workers
+    warmup += 2 * workers
+    batches = max(batches, 4 * workers)
     dm.trainer = SimpleNamespace(training=True, global_rank=0,
                                  strategy=SimpleNamespace(root_device=device))
     loader = dm.train_dataloader()
@@ -85,9 +97,10 @@ def loader_section(args: argparse.Namespace, device: torch.device, common: dict,
                    emit: Callable[[dict], None], root: Path) -> None:
     """Patches/s of the CPU chain and of device augmentation for each worker count."""
     batch = args.batch_size
-    length = batch * (args.loader_warmup + args.loader_batches + 2)
     info = {**common, "scan": list(args.scan), "workers_tested": list(args.workers)}
     for workers in args.workers:
+        length = batch * (args.loader_warmup + max(args.loader_batches, 4 * workers)
+                          + 2 * workers + 2)
         rates = {}
         for augment_on in ("cpu", "device"):
             with tempfile.TemporaryDirectory() as cache:
@@ -102,6 +115,53 @@ def loader_section(args: argparse.Namespace, device: torch.device, common: dict,
                   "window": window, **info})
         emit({"benchmark": "train_loader", "method": "ratio", "workers": workers,
               "device_over_cpu": round(rates["device"] / rates["cpu"], 3), **info})
+
+
+def augmentation_section(args: argparse.Namespace, device: torch.device, common: dict,
+                         emit: Callable[[dict], None]) -> None:
+    """Augmentation alone: MONAI's chain per patch against the batched path, same settings.
+
+    Both start from random intensities and labels already cut (the patch for the chain, the
+    window for the batched path, as their loaders deliver them) on --device; no loading.
+    """
+    from monai.transforms import Compose
+
+    from segmentation.data.augmentation_settings import AugmentationSettings
+    from segmentation.data.batch_augmentation import BatchAugmentation
+    from segmentation.data.patches import intensity_augmentation, spatial_augmentation
+
+    settings, patch, batch = AugmentationSettings(), tuple(args.patch), args.batch_size
+    count = args.augmentation_patches
+    chain = Compose([*spatial_augmentation(3, settings), *intensity_augmentation(3, settings)])
+    chain.set_random_state(0)
+    image = torch.randn(1, *patch, device=device)
+    label = torch.randint(0, 4, (1, *patch), device=device)
+    chain({"image": image.clone(), "label": label.clone()})                 # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        chain({"image": image.clone(), "label": label.clone()})
+    _sync(device)
+    per_patch = count / (time.perf_counter() - start)
+    batched = BatchAugmentation(settings, patch, patch, seed=0)
+    windows = torch.randn(batch, 1, *batched.window_size, device=device)
+    window_labels = torch.randint(0, 4, (batch, 1, *batched.window_size), device=device,
+                                  dtype=torch.uint8)
+    batched(windows, window_labels)                                         # warm-up
+    rounds = max(1, count // batch)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        batched(windows, window_labels)
+    _sync(device)
+    batched_rate = rounds * batch / (time.perf_counter() - start)
+    info = {**common, "window": list(batched.window_size), "patches": count}
+    emit({"benchmark": "augmentation", "method": "monai_chain_per_patch",
+          "patches_per_second": round(per_patch, 2), **info})
+    emit({"benchmark": "augmentation", "method": "batched",
+          "patches_per_second": round(batched_rate, 2), **info})
+    emit({"benchmark": "augmentation", "method": "ratio",
+          "batched_over_per_patch": round(batched_rate / per_patch, 3), **info})
 
 
 class StepClock(pl.Callback):
@@ -208,6 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-augment-on", nargs="+", default=None,
                         choices=("cpu", "device"),
                         help="fit: where augmentation runs (default: device, cpu)")
+    parser.add_argument("--augmentation-patches", type=int, default=None,
+                        help="augmentation: patches per path (default 200 on a GPU, 40 on "
+                             "the CPU)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="fit on CUDA: count host-device synchronisations per source line "
                              "(torch.cuda.set_sync_debug_mode; the timing then includes the "
@@ -218,5 +281,6 @@ def fill_defaults(args: argparse.Namespace, gpu: bool) -> None:
     """Device-dependent defaults of the loader and fit options."""
     args.scan = tuple(args.scan or ((256, 256, 256) if gpu else (128, 128, 96)))
     args.loader_batches = args.loader_batches or (20 if gpu else 8)
+    args.augmentation_patches = args.augmentation_patches or (200 if gpu else 40)
     args.fit_workers = args.fit_workers if args.fit_workers is not None else (8 if gpu else 2)
     args.fit_augment_on = args.fit_augment_on or ["device", "cpu"]

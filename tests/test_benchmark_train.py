@@ -112,13 +112,18 @@ def test_patches_that_a_network_would_pad_are_refused(bench):
     bench.check_patch(tuple(TOY_PATCH), stages=6)
 
 
-def test_loader_and_fit_sections_time_both_augmentation_paths(bench, capsys):
-    bench.main(["--device", "cpu", "--sections", "loader,fit", "--patch", "32", "32", "32",
+def test_data_sections_time_both_augmentation_paths(bench, capsys):
+    bench.main(["--device", "cpu", "--sections", "augmentation,loader,fit",
+                "--augmentation-patches", "4", "--patch", "32", "32", "32",
                 "--features", "4", "8", "16", "--scan", "40", "40", "36", "--cases", "2",
                 "--workers", "0", "1", "--loader-batches", "2", "--loader-warmup", "1",
                 "--steps", "2", "--warmup", "1", "--fit-workers", "0"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
              if line.startswith("{")]
+    augmentation = {r["method"]: r for r in lines if r["benchmark"] == "augmentation"}
+    assert augmentation["ratio"]["batched_over_per_patch"] == pytest.approx(
+        augmentation["batched"]["patches_per_second"]
+        / augmentation["monai_chain_per_patch"]["patches_per_second"], rel=0.01)
     loader = [r for r in lines if r["benchmark"] == "train_loader"]
     for workers in (0, 1):
         rows = {r["method"]: r for r in loader if r["workers"] == workers}
