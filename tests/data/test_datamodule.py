@@ -237,3 +237,18 @@ def test_augmentation_choices_are_refused_with_the_key(synth_medium):
                                patch_size=(32, 32))
     with pytest.raises(ValueError, match=r"data\.augmentation\.blur_probability=-0\.1"):
         SegmentationDataModule(str(synth_medium), augmentation={"blur_probability": -0.1})
+
+
+def test_device_augmentation_draws_differ_between_ranks_and_repeat_per_seed(synth_medium):
+    def first_draw(rank: int) -> np.ndarray:
+        dm = SegmentationDataModule(str(synth_medium), patch_size=(16, 16, 16), batch_size=2,
+                                    patches_per_epoch=2, num_workers=0, check=False,
+                                    augment_on="device")
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(**{**vars(fake_trainer("cpu")), "global_rank": rank})
+        torch.manual_seed(123)  # what seed_everything(123) does on every rank
+        dm.train_dataloader()
+        return dm.batch_augmentation.rng.random(8)
+
+    assert not np.array_equal(first_draw(0), first_draw(1))
+    np.testing.assert_array_equal(first_draw(1), first_draw(1))
