@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from scipy import optimize
 
 AUGMENT_ON = ("auto", "cpu", "device")
 
@@ -176,9 +177,10 @@ def augmentation_window(input_size: Sequence[int], output_size: Sequence[int],
     """The window a CPU worker cuts so that the device's rotation/scaling samples real voxels.
 
     As nnU-Net's data loader, the window is the bounding box of the network's input patch
-    rotated by any allowed angle and scaled by the largest allowed factor, plus one voxel for
-    linear interpolation. It is centred on the input patch and keeps the input–output margin
-    even, so the label window (``output_size``) stays in its centre.
+    rotated by any allowed angle (:func:`largest_reach`) and scaled by the largest allowed
+    factor, plus one voxel for linear interpolation. It is centred on the input patch and
+    keeps the input–output margin even, so the label window (``output_size``) stays in its
+    centre.
 
     Args:
         input_size: the network's input patch.
@@ -188,16 +190,11 @@ def augmentation_window(input_size: Sequence[int], output_size: Sequence[int],
     Returns:
         Window size per axis, >= ``input_size``.
     """
-    size = np.asarray(input_size, dtype=np.float64)
     if not settings.spatial:
         return tuple(int(s) for s in input_size)
-    dims = len(size)
-    half = (size - 1) / 2
+    half = (np.asarray(input_size, dtype=np.float64) - 1) / 2
     limit = math.radians(settings.rotation_degrees) if settings.rotation_probability > 0 else 0.0
-    steps = np.linspace(-limit, limit, 13) if limit else np.zeros(1)
-    grid = np.array(list(itertools.product(steps, repeat=1 if dims == 2 else 3)))
-    rotations = rotation_matrices(grid)                              # (N, d, d)
-    extent = (np.abs(rotations) @ half).max(axis=0)                  # (d,)
+    extent = largest_reach(half, limit)
     if settings.scaling_probability > 0:
         extent = extent * max(settings.scaling_range[1], 1.0)
     window = []
@@ -206,3 +203,37 @@ def augmentation_window(input_size: Sequence[int], output_size: Sequence[int],
         needed += (needed - int(out)) % 2                            # even margin to the label
         window.append(needed)
     return tuple(window)
+
+
+def largest_reach(half: np.ndarray, limit: float) -> np.ndarray:
+    """Per axis, the farthest a corner of a centred box gets under any allowed rotation.
+
+    The reach along axis i is max over rotations R of sum_j |R_ij| half_j, rotations drawn with
+    every angle in [-limit, limit] (one angle in 2D, three in 3D). It is found on a grid of
+    angles, refined from the best grid points by bounded optimisation, and never exceeds the
+    box's half-diagonal (the reach of the farthest corner, a bound for any rotation).
+
+    Args:
+        half: (d,) half-sizes of the box (centre to corner voxel), voxels.
+        limit: largest absolute angle, radians (0: no rotation).
+
+    Returns:
+        (d,) reach per axis, voxels.
+    """
+    half = np.asarray(half, dtype=np.float64)
+    if limit <= 0:
+        return half.copy()
+    angles = 1 if len(half) == 2 else 3
+    steps = np.linspace(-limit, limit, 721 if angles == 1 else 25)
+    grid = np.array(list(itertools.product(steps, repeat=angles)))          # (N, angles)
+    reaches = np.abs(rotation_matrices(grid)) @ half                        # (N, d)
+    best = reaches.max(axis=0)
+    for axis in range(len(half)):
+        def negative_reach(a: np.ndarray, axis: int = axis) -> float:
+            return -float(np.abs(rotation_matrices(a[None])[0, axis]) @ half)
+
+        for start in grid[np.argsort(reaches[:, axis])[-4:]]:
+            found = optimize.minimize(negative_reach, start, method="L-BFGS-B",
+                                      bounds=[(-limit, limit)] * angles)
+            best[axis] = max(best[axis], -found.fun)
+    return np.minimum(best, np.linalg.norm(half))

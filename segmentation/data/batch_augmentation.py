@@ -135,6 +135,11 @@ class BatchAugmentation:
         if any(w < i for w, i in zip(self.window_size, self.input_size, strict=True)):
             raise ValueError(f"window {self.window_size} is smaller than the input patch "
                              f"{self.input_size}")
+        if any((w - i) % 2 or (w - o) % 2 for w, i, o in zip(
+                self.window_size, self.input_size, self.output_size, strict=True)):
+            raise ValueError(f"window {self.window_size} must exceed the input patch "
+                             f"{self.input_size} and the output patch {self.output_size} by "
+                             "even amounts (their centres must coincide)")
         self.spatial_dims = len(self.input_size)
         self.rng = np.random.default_rng(seed)
         self._device_generators: dict[str, torch.Generator] = {}

@@ -28,9 +28,10 @@ from segmentation.nets.spatial import center_crop
 def slice_augmentation(settings: AugmentationSettings | None = None) -> A.Compose:
     """nnU-Net-like 2D spatial augmentation: rotation, scaling and mirroring, as ``settings``.
 
-    albumentations scales both axes by one factor (3D patches draw one per axis). Only the
-    geometric part: albumentations' noise, blur and brightness treat float images as
-    [0, 1] and would clip normalised intensities, so those come from
+    albumentations scales both axes by one factor, drawn uniformly as a magnification (3D
+    patches draw one region-size factor per axis). Only the geometric part: albumentations'
+    noise, blur and brightness treat float images as [0, 1] and would clip normalised
+    intensities, so those come from
     :func:`~segmentation.data.patches.intensity_augmentation` (MONAI's, as in 3D).
     """
     s = settings or AugmentationSettings()
@@ -39,7 +40,10 @@ def slice_augmentation(settings: AugmentationSettings | None = None) -> A.Compos
         A.Affine(rotate=(-degrees, degrees), p=s.rotation_probability,
                  interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                  border_mode=cv2.BORDER_REFLECT_101),
-        A.Affine(scale=s.scaling_range, p=s.scaling_probability,
+        # albumentations magnifies by its factor; the settings' factor is the size of the
+        # region read (MONAI's, > 1 zooms out), hence the reciprocal range
+        A.Affine(scale=(1 / s.scaling_range[1], 1 / s.scaling_range[0]),
+                 p=s.scaling_probability,
                  interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                  border_mode=cv2.BORDER_REFLECT_101),
         A.HorizontalFlip(p=s.mirror_probability),

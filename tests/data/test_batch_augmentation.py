@@ -106,6 +106,27 @@ def test_the_window_holds_every_rotation_and_scaling_of_the_patch():
     assert augmentation_window(input_size, output_size, NOTHING) == input_size
 
 
+@pytest.mark.parametrize("input_size", [(512, 512), (48, 320, 320), (20, 96, 64)])
+def test_the_window_holds_large_rotations_of_any_patch_shape(input_size):
+    """nnU-Net rotates 2D and anisotropic patches by up to 180°: the worst case lies between
+    any grid of angles, and the window must still hold it."""
+    settings = AugmentationSettings(rotation_degrees=180, rotation_probability=1.0,
+                                    scaling_probability=1.0, scaling_range=(0.7, 1.4))
+    window = augmentation_window(input_size, input_size, settings)
+    draw = draw_parameters(settings, 100_000, len(input_size), np.random.default_rng(2))
+    half = (np.asarray(input_size) - 1) / 2
+    corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(
+        len(input_size), -1)
+    reach = np.abs(draw.matrices() @ corners).max(axis=(0, 2))
+    assert np.all(reach + 1 <= (np.asarray(window) - 1) / 2)
+    assert np.all(np.asarray(window) <= 2 * np.linalg.norm(half) * 1.4 + 6)  # and not much more
+
+
+def test_an_explicit_window_must_keep_the_margins_even():
+    with pytest.raises(ValueError, match="even"):
+        BatchAugmentation(NOTHING, (12, 10, 8), (8, 6, 4), window_size=(15, 14, 12))
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_intensity_steps_are_monais(dims):
     shape = (2, 14, 12, 10)[: dims + 1]
