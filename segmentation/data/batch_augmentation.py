@@ -15,8 +15,9 @@ resolution, gamma. Labels are resampled by nearest neighbour, as the CPU chain d
 class, which is memory the GPU needs for the network, and would make the two paths differ.
 
 Every random number is drawn on the host from one numpy generator (seeded per DDP rank by the
-data module), so no decision reads a device value back: the step never synchronises with the
-host for augmentation. Noise values are drawn on the device from a generator seeded from it.
+data module), so no decision reads a device value back, and a batch's numbers reach the device
+in one pinned, non-blocking copy: augmentation never makes the host wait for the GPU. Noise
+values are drawn on the device from a generator seeded from the host one.
 """
 
 from __future__ import annotations
@@ -161,70 +162,97 @@ class BatchAugmentation:
                              f"{tuple(image.shape[2:])} and label {tuple(label.shape[2:])}")
         if draw is None:
             draw = draw_parameters(self.settings, image.shape[0], self.spatial_dims, self.rng)
-        image, label = self.spatial(image.float(), label, draw)     # (B, C|1, *input_size)
+        values = self.device_values(draw, image.device)
+        image, label = self.spatial(image.float(), label, draw, values)  # (B, C|1, *input_size)
         image, label = self.mirror(image, label, draw)
-        image = self.intensity(image, draw)
+        image = self.intensity(image, draw, values)
         return image, _center_crop(label, self.output_size).long()
 
+    def device_values(self, draw: AugmentationDraw, device: torch.device) -> DeviceValues:
+        """The draw's numbers on ``device``, in one copy.
+
+        One pinned buffer sent with ``non_blocking=True``: a copy from ordinary host memory
+        (``torch.as_tensor(array, device=...)``) makes the host wait for every kernel queued
+        before it, which would stall the GPU once per parameter.
+        """
+        moved = np.flatnonzero(draw.do_rotate | draw.do_scale)
+        arrays = {"theta": self.affine_theta(draw.matrices()[moved]),
+                  "noise_std": draw.noise_std, "blur_sigma": draw.blur_sigma,
+                  "brightness": draw.brightness, "contrast": draw.contrast,
+                  "gamma": draw.gamma}
+        flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays.values()])
+        host = torch.from_numpy(flat)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        packed = host.to(device, non_blocking=True)
+        tensors, start = {}, 0
+        for name, array in arrays.items():
+            size = int(np.prod(np.shape(array)))
+            tensors[name] = packed[start:start + size].view(np.shape(array))
+            start += size
+        return DeviceValues(**tensors)
+
     # ------------------------------------------------------------------ spatial
-    def spatial(self, image: torch.Tensor, label: torch.Tensor, draw: AugmentationDraw
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def spatial(self, image: torch.Tensor, label: torch.Tensor, draw: AugmentationDraw,
+                values: DeviceValues) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate and scale about the window's centre and cut the input patch, in one step.
 
         Samples that are neither rotated nor scaled are cut out exactly (no interpolation).
-        Each moved sample is resampled from a view of its own window: indexing the batch
-        with a list of samples would copy whole windows, several times the patch.
+        One ``affine_grid`` serves the batch; each moved sample is resampled from a view of its
+        own window (indexing the batch with a list of samples would copy whole windows,
+        several times the patch).
         """
         image_out = _center_crop(image, self.input_size).clone()    # (B, C, *in)
         label_out = _center_crop(label, self.input_size).clone()    # (B, 1, *in)
         moved = np.flatnonzero(draw.do_rotate | draw.do_scale)
         if moved.size:
-            grid = self.sampling_grid(draw.matrices()[moved], image.device)  # (k, *in, d)
-            half = torch.tensor([(w - 1) / 2 for w in self.window_size[::-1]],
-                                device=image.device)
+            grid = F.affine_grid(values.theta, [len(moved), 1, *self.input_size],
+                                 align_corners=True)                 # (k, *in, d), x first
             for j, i in enumerate(moved.tolist()):
                 image_out[i] = F.grid_sample(image[i:i + 1], grid[j:j + 1], mode="bilinear",
                                              padding_mode="reflection", align_corners=True)[0]
-                label_out[i] = self.nearest(label[i], (grid[j] + 1) * half)
+                label_out[i] = self.nearest(label[i], grid[j])
         return image_out, label_out
 
-    def sampling_grid(self, matrices: np.ndarray, device: torch.device) -> torch.Tensor:
-        """``grid_sample`` grid: output voxel p (centred) reads window voxel M p (centred).
+    def affine_theta(self, matrices: np.ndarray) -> np.ndarray:
+        """``affine_grid``'s theta: output voxel p (centred) reads window voxel M p (centred).
 
-        Built by ``affine_grid`` from M expressed in normalised coordinates,
-        diag(2/(w−1)) · M · diag((n−1)/2), axes reversed to grid_sample's (x, y[, z]) order.
+        M in normalised coordinates, diag(2/(w−1)) · M · diag((n−1)/2), axes reversed to
+        grid_sample's (x, y[, z]) order, no translation.
 
         Args:
             matrices: (k, d, d) output-to-input maps in array-axis order.
-            device: where the grid is built.
 
         Returns:
-            (k, *input_size, d) coordinates in [-1, 1] for ``align_corners=True``.
+            (k, d, d + 1) for ``align_corners=True``.
         """
         window = np.asarray(self.window_size, dtype=np.float64)
         size = np.asarray(self.input_size, dtype=np.float64)
         normalised = (np.diag(2 / np.maximum(window - 1, 1))[None] @ matrices
                       @ np.diag((size - 1) / 2)[None])                      # (k, d, d)
         reverse = normalised[:, ::-1, ::-1]                                  # x, y[, z] order
-        theta = np.concatenate([reverse, np.zeros((len(matrices), len(size), 1))], axis=2)
-        theta = torch.as_tensor(theta, dtype=torch.float32, device=device)
+        return np.concatenate([reverse, np.zeros((len(matrices), len(size), 1))], axis=2)
+
+    def sampling_grid(self, matrices: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The (k, *input_size, d) grid of :meth:`affine_theta`, in [-1, 1]."""
+        theta = torch.as_tensor(self.affine_theta(matrices), dtype=torch.float32, device=device)
         return F.affine_grid(theta, [len(matrices), 1, *self.input_size], align_corners=True)
 
-    def nearest(self, label: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def nearest(self, label: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour resampling of one label window, as integers (no float copy).
 
         Args:
             label: (1, *window) integer labels.
-            position: (*input_size, d) window voxel coordinates to read, grid_sample's axis
-                order (x = the last array axis first).
+            grid: (*input_size, d) sampling grid in [-1, 1], grid_sample's axis order.
 
         Returns:
             (1, *input_size) labels of ``label``'s dtype.
         """
-        index = torch.zeros(position.shape[:-1], dtype=torch.long, device=position.device)
+        dims = len(self.window_size)
+        index = torch.zeros(grid.shape[:-1], dtype=torch.long, device=grid.device)
         for axis, size in enumerate(self.window_size):
-            voxel = torch.round(position[..., len(self.window_size) - 1 - axis]).long()
-            index = index * size + voxel.clamp_(0, size - 1)
+            position = (grid[..., dims - 1 - axis] + 1) * ((size - 1) / 2)
+            index = index * size + torch.round(position).long().clamp_(0, size - 1)
         return label.reshape(-1)[index.reshape(-1)].reshape(1, *self.input_size)
 
     # ------------------------------------------------------------------ mirroring
@@ -240,16 +268,19 @@ class BatchAugmentation:
         return image, label
 
     # ------------------------------------------------------------------ intensity
-    def intensity(self, image: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
-        """Noise, blur, brightness, contrast, low resolution and gamma, each on its samples."""
+    def intensity(self, image: torch.Tensor, draw: AugmentationDraw, values: DeviceValues
+                  ) -> torch.Tensor:
+        """Noise, blur, brightness, contrast, low resolution and gamma, each on its samples.
+
+        Sample by sample on views of the batch, with that sample's numbers from ``values``;
+        which samples a step touches is decided on the host.
+        """
         steps = ((draw.do_noise, self._noise), (draw.do_blur, self._blur),
                  (draw.do_brightness, self._brightness), (draw.do_contrast, self._contrast),
                  (draw.do_low_resolution, self._low_resolution), (draw.do_gamma, self._gamma))
         for chosen, step in steps:
-            rows = np.flatnonzero(chosen)
-            if rows.size:
-                index = torch.as_tensor(rows, device=image.device)
-                image[index] = step(image[index], rows, draw)
+            for i in np.flatnonzero(chosen).tolist():
+                image[i] = step(image[i], i, draw, values)
         return image
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -260,81 +291,85 @@ class BatchAugmentation:
             self._device_generators[key] = generator
         return self._device_generators[key]
 
-    def _noise(self, x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+    def _noise(self, x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
+               ) -> torch.Tensor:
         """MONAI RandGaussianNoise: + N(0, std²), std drawn from [0, noise_std]."""
-        std = _per_sample(draw.noise_std[rows], x)
         noise = torch.randn(x.shape, generator=self._generator(x.device), device=x.device)
-        return x + noise * std
+        return x + noise * values.noise_std[i]
 
-    def _blur(self, x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
-        """MONAI RandGaussianSmooth: separable erf-sampled Gaussian, zero padding."""
-        k, channels = x.shape[:2]
-        spatial = x.shape[2:]
-        sigmas = draw.blur_sigma[rows]                                   # (k, d)
-        tails = np.floor(np.maximum(sigmas * _BLUR_TRUNCATED, 0.5) + 0.5).astype(int)
-        reach = int(tails.max())
-        offsets = torch.arange(-reach, reach + 1, device=x.device, dtype=torch.float32)
+    def _blur(self, x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
+              ) -> torch.Tensor:
+        """MONAI RandGaussianSmooth: separable erf-sampled Gaussian, zero padding.
+
+        Args:
+            x: (C, *S) one sample.
+            i: its index in the batch.
+            draw: the batch's draw (kernel lengths).
+            values: the batch's numbers on the device (sigmas).
+        """
+        channels, spatial = x.shape[0], x.shape[1:]
+        tails = np.floor(np.maximum(draw.blur_sigma[i] * _BLUR_TRUNCATED, 0.5) + 0.5)
         conv = (F.conv2d, F.conv3d)[len(spatial) - 2]
-        out = x.reshape(1, k * channels, *spatial)
+        out = x[None]                                                     # (1, C, *S)
         for axis in range(len(spatial)):
-            sigma = torch.as_tensor(sigmas[:, axis], dtype=torch.float32, device=x.device)
-            t = (0.70710678 / sigma)[:, None]                            # (k, 1)
+            tail = int(tails[axis])
+            offsets = torch.arange(-tail, tail + 1, device=x.device, dtype=torch.float32)
+            t = 0.70710678 / values.blur_sigma[i, axis]
             kernel = (0.5 * (torch.erf(t * (offsets + 0.5)) - torch.erf(t * (offsets - 0.5)))
-                      ).clamp(min=0)                                     # (k, 2R+1)
-            tail = torch.as_tensor(tails[:, axis], device=x.device)[:, None]
-            kernel = torch.where(offsets.abs()[None] <= tail, kernel, 0.0)
+                      ).clamp(min=0)                                      # (2 tail + 1,)
             shape = [1] * len(spatial)
-            shape[axis] = 2 * reach + 1
-            weight = kernel.repeat_interleave(channels, dim=0).reshape(k * channels, 1, *shape)
+            shape[axis] = 2 * tail + 1
             padding = [0] * len(spatial)
-            padding[axis] = reach
-            out = conv(out, weight, padding=padding, groups=k * channels)
-        return out.reshape(k, channels, *spatial)
+            padding[axis] = tail
+            weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
+            out = conv(out, weight, padding=padding, groups=channels)
+        return out[0]
 
     @staticmethod
-    def _brightness(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+    def _brightness(x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
+                    ) -> torch.Tensor:
         """MONAI RandScaleIntensity: x · factor (one factor for all channels)."""
-        return x * _per_sample(draw.brightness[rows], x)
+        return x * values.brightness[i]
 
     @staticmethod
-    def _contrast(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+    def _contrast(x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
+                  ) -> torch.Tensor:
         """MONAI RandScaleIntensityFixedMean (fixed mean, range kept): (x − m)·f + m, clipped."""
-        flat = x.flatten(1)
-        mean, low, high = (_per_sample(v, x) for v in (flat.mean(1), flat.amin(1),
-                                                        flat.amax(1)))
-        out = (x - mean) * _per_sample(draw.contrast[rows], x) + mean
-        return torch.minimum(torch.maximum(out, low), high)
+        mean = x.mean()
+        out = (x - mean) * values.contrast[i] + mean
+        return torch.minimum(torch.maximum(out, x.min()), x.max())
 
     @staticmethod
-    def _low_resolution(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw
+    def _low_resolution(x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
                         ) -> torch.Tensor:
         """MONAI RandSimulateLowResolution: nearest down to zoom·size, (bi/tri)linear back up."""
-        spatial = tuple(x.shape[2:])
+        spatial = tuple(x.shape[1:])
         linear = "bilinear" if len(spatial) == 2 else "trilinear"
-        out = torch.empty_like(x)
-        for i, zoom in enumerate(draw.zoom[rows]):  # each sample its own coarse size
-            coarse = tuple(max(1, int(np.round(s * zoom))) for s in spatial)
-            small = F.interpolate(x[i:i + 1], size=coarse, mode="nearest")
-            out[i:i + 1] = F.interpolate(small, size=spatial, mode=linear, align_corners=False)
-        return out
+        coarse = tuple(max(1, int(np.round(s * draw.zoom[i]))) for s in spatial)
+        small = F.interpolate(x[None], size=coarse, mode="nearest")
+        return F.interpolate(small, size=spatial, mode=linear, align_corners=False)[0]
 
     @staticmethod
-    def _gamma(x: torch.Tensor, rows: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+    def _gamma(x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
+               ) -> torch.Tensor:
         """MONAI AdjustContrast with retain_stats: gamma on [0, 1]-rescaled x, mean/std kept."""
-        flat = x.flatten(1)
-        mean, std = _per_sample(flat.mean(1), x), _per_sample(flat.std(1), x)
-        low = _per_sample(flat.amin(1), x)
-        span = _per_sample(flat.amax(1), x) - low
-        out = ((x - low) / (span + 1e-7)) ** _per_sample(draw.gamma[rows], x) * span + low
-        out_flat = out.flatten(1)
-        out = (out - _per_sample(out_flat.mean(1), x)) / (_per_sample(out_flat.std(1), x) + 1e-8)
-        return out * std + mean
+        mean, std = x.mean(), x.std()
+        low = x.min()
+        span = x.max() - low
+        out = ((x - low) / (span + 1e-7)) ** values.gamma[i] * span + low
+        return (out - out.mean()) / (out.std() + 1e-8) * std + mean
 
 
-def _per_sample(values: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(k,) values → (k, 1, ..., 1) broadcastable against ``like`` (k, C, *S)."""
-    values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
+@dataclass
+class DeviceValues:
+    """A batch's per-sample numbers on the device (:meth:`BatchAugmentation.device_values`)."""
+
+    theta: torch.Tensor        # (k, d, d + 1) affine_grid thetas of the moved samples
+    noise_std: torch.Tensor    # (B,)
+    blur_sigma: torch.Tensor   # (B, d)
+    brightness: torch.Tensor   # (B,)
+    contrast: torch.Tensor     # (B,)
+    gamma: torch.Tensor        # (B,)
 
 
 def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

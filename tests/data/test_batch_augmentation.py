@@ -65,7 +65,8 @@ def test_rotation_and_scaling_resample_as_monais_affine(input_size, window):
     angles = [0.3, -0.2, 0.4][: 3 if dims == 3 else 1]
     scales = [1.2, 0.8, 1.1][:dims]
     draw.angles[0], draw.scales[0] = angles, scales
-    ours_image, ours_label = augmentation.spatial(image, label, draw)
+    values = augmentation.device_values(draw, image.device)
+    ours_image, ours_label = augmentation.spatial(image, label, draw, values)
 
     affine = {"rotate_params": angles, "scale_params": scales, "padding_mode": "reflection",
               "image_only": True}
@@ -136,7 +137,7 @@ def test_intensity_steps_are_monais(dims):
     draw.blur_sigma[:] = [[0.6, 0.9, 0.75][:dims], [1.0, 0.5, 0.55][:dims]]
     draw.brightness[:], draw.contrast[:] = [0.8, 1.2], [0.77, 1.24]
     draw.zoom[:], draw.gamma[:] = [0.5, 0.83], [0.7, 1.45]
-    rows = np.arange(2)
+    values = augmentation.device_values(draw, image.device)
     for i in range(2):
         x = image[i]
         expected = {
@@ -150,13 +151,14 @@ def test_intensity_steps_are_monais(dims):
             upsample_mode="trilinear" if dims == 3 else "bilinear")
         expected["_low_resolution"] = low_resolution(x)
         for name, want in expected.items():
-            got = getattr(augmentation, name)(image, rows, draw)[i]
+            got = getattr(augmentation, name)(image[i], i, draw, values)
             torch.testing.assert_close(got, torch.as_tensor(want), atol=2e-5, rtol=1e-5,
                                        msg=name)
-        torch.testing.assert_close(augmentation._brightness(image, rows, draw)[i],
-                                   x * draw.brightness[i])
+        torch.testing.assert_close(augmentation._brightness(image[i], i, draw, values),
+                                   x * float(draw.brightness[i]))
     draw.noise_std[:] = [0.05, 0.2]
-    noise = augmentation._noise(image, rows, draw) - image
+    values = augmentation.device_values(draw, image.device)
+    noise = [augmentation._noise(image[i], i, draw, values) - image[i] for i in range(2)]
     assert abs(noise[0].std() - 0.05) < 0.01 and abs(noise[1].std() - 0.2) < 0.03
 
 
