@@ -63,8 +63,9 @@ def _sync(device: torch.device) -> None:
 
 
 def loader_rate(dm: SegmentationDataModule, device: torch.device, batches: int,
-                warmup: int) -> float:
-    """Patches/s delivered to ``device`` (augmented), in steady state.
+                warmup: int) -> tuple[float, float]:
+    """Patches/s delivered to ``device`` (augmented), in steady state, and the mean voxels of
+    what the workers cut, relative to the patch.
 
     The workers fill a queue of ``2 × workers`` batches (PyTorch's prefetch) while they start;
     those are taken first, with ``warmup`` more, and at least ``4 × workers`` batches are
@@ -77,20 +78,29 @@ def loader_rate(dm: SegmentationDataModule, device: torch.device, batches: int,
                                  strategy=SimpleNamespace(root_device=device))
     loader = dm.train_dataloader()
     iterator = iter(loader)
-    patches, start = 0, 0.0
+    patches, start, window_voxels = 0, 0.0, []
     for index in range(warmup + batches):
         if index == warmup:
             _sync(device)
             start = time.perf_counter()
-        batch = next(iterator)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = dm.on_before_batch_transfer(next(iterator), 0)      # as Lightning does
+        window_voxels += [x.shape[1:].numel() for x in batch["image"]]
+        batch = {k: _to(v, device) for k, v in batch.items()}
         batch = dm.on_after_batch_transfer(batch, 0)
         if index >= warmup:
             patches += batch["image"].shape[0]
     _sync(device)
     seconds = time.perf_counter() - start
     del iterator, loader
-    return patches / seconds
+    patch_voxels = float(np.prod(dm.input_size))
+    return patches / seconds, float(np.mean(window_voxels)) / patch_voxels
+
+
+def _to(value: torch.Tensor | list[torch.Tensor], device: torch.device
+        ) -> torch.Tensor | list[torch.Tensor]:
+    if isinstance(value, list):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value.to(device, non_blocking=True)
 
 
 def loader_section(args: argparse.Namespace, device: torch.device, common: dict,
@@ -106,13 +116,11 @@ def loader_section(args: argparse.Namespace, device: torch.device, common: dict,
             with tempfile.TemporaryDirectory() as cache:
                 dm = data_module(root, Path(cache), args.patch, batch, workers, augment_on,
                                  length)
-                rates[augment_on] = loader_rate(dm, device, args.loader_batches,
-                                                args.loader_warmup)
-                window = (list(dm.batch_augmentation.window_size) if dm.batch_augmentation
-                          else list(args.patch))
+                rates[augment_on], cut = loader_rate(dm, device, args.loader_batches,
+                                                     args.loader_warmup)
             emit({"benchmark": "train_loader", "method": f"augment_on_{augment_on}",
                   "workers": workers, "patches_per_second": round(rates[augment_on], 2),
-                  "window": window, **info})
+                  "cut_voxels_over_patch": round(cut, 3), **info})
         emit({"benchmark": "train_loader", "method": "ratio", "workers": workers,
               "device_over_cpu": round(rates["device"] / rates["cpu"], 3), **info})
 
@@ -121,12 +129,18 @@ def augmentation_section(args: argparse.Namespace, device: torch.device, common:
                          emit: Callable[[dict], None]) -> None:
     """Augmentation alone: MONAI's chain per patch against the batched path, same settings.
 
-    Both start from random intensities and labels already cut (the patch for the chain, the
-    window for the batched path, as their loaders deliver them) on --device; no loading.
+    Both start from random intensities and labels already cut (the patch for the chain; for
+    the batched path each patch's window with its rotation and scaling, as the loader delivers
+    them) on --device; no loading.
     """
     from monai.transforms import Compose
 
-    from segmentation.data.augmentation_settings import AugmentationSettings
+    from segmentation.data.augmentation_settings import (
+        AugmentationSettings,
+        draw_spatial,
+        sample_window,
+        spatial_matrices,
+    )
     from segmentation.data.batch_augmentation import BatchAugmentation
     from segmentation.data.patches import intensity_augmentation, spatial_augmentation
 
@@ -144,18 +158,25 @@ def augmentation_section(args: argparse.Namespace, device: torch.device, common:
     _sync(device)
     per_patch = count / (time.perf_counter() - start)
     batched = BatchAugmentation(settings, patch, patch, seed=0)
-    windows = torch.randn(batch, 1, *batched.window_size, device=device)
-    window_labels = torch.randint(0, 4, (batch, 1, *batched.window_size), device=device,
-                                  dtype=torch.uint8)
-    batched(windows, window_labels)                                         # warm-up
+    rng = np.random.default_rng(0)
     rounds = max(1, count // batch)
+    batches = []  # as the loader delivers them: each patch's window, its rotation and scaling
+    for _ in range(rounds + 1):
+        rows = draw_spatial(settings, rng, 3, batch)
+        matrices = spatial_matrices(rows, 3)
+        sizes = [sample_window(m if r[0] > 0.5 or r[1] > 0.5 else None, patch, patch)
+                 for r, m in zip(rows, matrices, strict=True)]
+        batches.append(([torch.randn(1, *s, device=device) for s in sizes],
+                         [torch.randint(0, 4, (1, *s), device=device, dtype=torch.uint8)
+                          for s in sizes], rows))
+    batched(*batches[0][:2], spatial=batches[0][2])                        # warm-up
     _sync(device)
     start = time.perf_counter()
-    for _ in range(rounds):
-        batched(windows, window_labels)
+    for images, labels, rows in batches[1:]:
+        batched(images, labels, spatial=rows)
     _sync(device)
     batched_rate = rounds * batch / (time.perf_counter() - start)
-    info = {**common, "window": list(batched.window_size), "patches": count}
+    info = {**common, "patches": count}
     emit({"benchmark": "augmentation", "method": "monai_chain_per_patch",
           "patches_per_second": round(per_patch, 2), **info})
     emit({"benchmark": "augmentation", "method": "batched",

@@ -174,13 +174,12 @@ def rotation_matrices(angles: np.ndarray) -> np.ndarray:
 
 def augmentation_window(input_size: Sequence[int], output_size: Sequence[int],
                         settings: AugmentationSettings) -> tuple[int, ...]:
-    """The window a CPU worker cuts so that the device's rotation/scaling samples real voxels.
+    """The largest window any patch needs so that rotation/scaling samples real voxels.
 
-    As nnU-Net's data loader, the window is the bounding box of the network's input patch
-    rotated by any allowed angle (:func:`largest_reach`) and scaled by the largest allowed
-    factor, plus one voxel for linear interpolation. It is centred on the input patch and
-    keeps the input–output margin even, so the label window (``output_size``) stays in its
-    centre.
+    The bounding box of the network's input patch rotated by any allowed angle
+    (:func:`largest_reach`) and scaled by the largest allowed factor (:func:`window_for_reach`).
+    The data loader cuts each patch's own, usually much smaller, window
+    (:func:`sample_window`); this is their upper bound.
 
     Args:
         input_size: the network's input patch.
@@ -197,12 +196,78 @@ def augmentation_window(input_size: Sequence[int], output_size: Sequence[int],
     extent = largest_reach(half, limit)
     if settings.scaling_probability > 0:
         extent = extent * max(settings.scaling_range[1], 1.0)
+    return window_for_reach(extent, input_size, output_size)
+
+
+def sample_window(matrix: np.ndarray | None, input_size: Sequence[int],
+                  output_size: Sequence[int]) -> tuple[int, ...]:
+    """The window one patch needs: the bounding box of its own rotated and scaled patch.
+
+    Args:
+        matrix: (d, d) the patch's output-to-input map (:func:`spatial_matrices`), or None
+            when it is neither rotated nor scaled (its window is the patch).
+        input_size: the network's input patch.
+        output_size: the network's output patch.
+    """
+    if matrix is None:
+        return tuple(int(s) for s in input_size)
+    half = (np.asarray(input_size, dtype=np.float64) - 1) / 2
+    return window_for_reach(np.abs(matrix) @ half, input_size, output_size)
+
+
+def window_for_reach(reach: np.ndarray, input_size: Sequence[int],
+                     output_size: Sequence[int]) -> tuple[int, ...]:
+    """Window size from the reach per axis (voxels from the centre).
+
+    One voxel more each side for linear interpolation, at least the patch, and an even margin
+    to the label window so that the patch and label windows stay in its centre.
+    """
     window = []
-    for reach, n, out in zip(extent, input_size, output_size, strict=True):
-        needed = max(int(math.ceil(2 * reach + 1)) + 2, int(n))      # +1 voxel each side
+    for extent, n, out in zip(reach, input_size, output_size, strict=True):
+        needed = max(int(math.ceil(2 * extent + 1)) + 2, int(n))     # +1 voxel each side
         needed += (needed - int(out)) % 2                            # even margin to the label
         window.append(needed)
     return tuple(window)
+
+
+def draw_spatial(settings: AugmentationSettings, random: np.random.RandomState
+                 | np.random.Generator, spatial_dims: int, count: int) -> np.ndarray:
+    """Rotation and scaling of ``count`` patches, MONAI's distributions (``RandAffine``).
+
+    Drawn where the window is cut (a loader worker, with its own seeded stream) or in one go
+    for a batch; both use this function.
+
+    Args:
+        settings: probabilities and ranges.
+        random: numpy RandomState (MONAI's ``R``) or Generator.
+        spatial_dims: 2 or 3.
+        count: patches.
+
+    Returns:
+        (count, 2 + A + d) float rows: do_rotate, do_scale (0 or 1), A angles in radians
+        (1 in 2D, 3 in 3D), d scale factors.
+    """
+    angles = 1 if spatial_dims == 2 else 3
+    limit = math.radians(settings.rotation_degrees)
+    do_rotate = random.uniform(0, 1, count) < settings.rotation_probability
+    angle = random.uniform(-limit, limit, (count, angles))
+    do_scale = random.uniform(0, 1, count) < settings.scaling_probability
+    scales = random.uniform(*settings.scaling_range, (count, spatial_dims))
+    return np.concatenate([do_rotate[:, None], do_scale[:, None], angle, scales],
+                          axis=1).astype(np.float64)
+
+
+def spatial_matrices(rows: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """(n, d, d) output-to-input maps of :func:`draw_spatial` rows.
+
+    Rotation @ scaling (MONAI's order), with the identity for a step that is off.
+    """
+    rows = np.atleast_2d(rows)
+    angles = 1 if spatial_dims == 2 else 3
+    rotate, scale = rows[:, 0] > 0.5, rows[:, 1] > 0.5
+    theta = np.where(rotate[:, None], rows[:, 2:2 + angles], 0.0)
+    factors = np.where(scale[:, None], rows[:, 2 + angles:], 1.0)
+    return rotation_matrices(theta) @ (np.eye(spatial_dims)[None] * factors[:, None, :])
 
 
 def largest_reach(half: np.ndarray, limit: float) -> np.ndarray:

@@ -22,7 +22,6 @@ values are drawn on the device from a generator seeded from the host one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 from segmentation.data.augmentation_settings import (
     AugmentationSettings,
     augmentation_window,
-    rotation_matrices,
+    draw_spatial,
+    spatial_matrices,
 )
 
 _BLUR_TRUNCATED = 4.0  # MONAI GaussianFilter's truncation, in sigmas
@@ -65,12 +65,26 @@ class AugmentationDraw:
     do_gamma: np.ndarray            # (B,)
     gamma: np.ndarray               # (B,)
 
+    def spatial_rows(self) -> np.ndarray:
+        """The rotation and scaling as :func:`draw_spatial` rows (B, 2 + A + d)."""
+        return np.concatenate([self.do_rotate[:, None], self.do_scale[:, None], self.angles,
+                               self.scales], axis=1).astype(np.float64)
+
+    def set_spatial(self, rows: np.ndarray) -> None:
+        """Take the rotation and scaling from :func:`draw_spatial` rows (e.g. the workers')."""
+        rows = np.asarray(rows, dtype=np.float64)
+        angles = self.angles.shape[1]
+        self.do_rotate, self.do_scale = rows[:, 0] > 0.5, rows[:, 1] > 0.5
+        self.angles, self.scales = rows[:, 2:2 + angles], rows[:, 2 + angles:]
+
     def matrices(self) -> np.ndarray:
         """(B, d, d) maps from output to input coordinates: rotation @ scaling (MONAI's)."""
-        angles = np.where(self.do_rotate[:, None], self.angles, 0.0)
-        scales = np.where(self.do_scale[:, None], self.scales, 1.0)
-        dims = scales.shape[1]
-        return rotation_matrices(angles) @ (np.eye(dims)[None] * scales[:, None, :])
+        return spatial_matrices(self.spatial_rows(), self.scales.shape[1])
+
+    @property
+    def moved(self) -> np.ndarray:
+        """Samples that are rotated or scaled (resampled)."""
+        return np.flatnonzero(self.do_rotate | self.do_scale)
 
 
 def draw_parameters(settings: AugmentationSettings, batch_size: int, spatial_dims: int,
@@ -84,7 +98,6 @@ def draw_parameters(settings: AugmentationSettings, batch_size: int, spatial_dim
         rng: the host generator.
     """
     b, d = batch_size, spatial_dims
-    angle = math.radians(settings.rotation_degrees)
 
     def chance(p: float, *shape: int) -> np.ndarray:
         return rng.random((b, *shape)) < p
@@ -92,11 +105,9 @@ def draw_parameters(settings: AugmentationSettings, batch_size: int, spatial_dim
     def uniform(bounds: tuple[float, float], *shape: int) -> np.ndarray:
         return rng.uniform(bounds[0], bounds[1], size=(b, *shape))
 
-    return AugmentationDraw(
-        do_rotate=chance(settings.rotation_probability),
-        angles=rng.uniform(-angle, angle, size=(b, 1 if d == 2 else 3)),
-        do_scale=chance(settings.scaling_probability),
-        scales=uniform(settings.scaling_range, d),
+    draw = AugmentationDraw(
+        do_rotate=np.zeros(b, dtype=bool), angles=np.zeros((b, 1 if d == 2 else 3)),
+        do_scale=np.zeros(b, dtype=bool), scales=np.ones((b, d)),
         mirror=chance(settings.mirror_probability, d),
         do_noise=chance(settings.noise_probability),
         noise_std=rng.uniform(0.0, settings.noise_std, size=b),
@@ -111,6 +122,8 @@ def draw_parameters(settings: AugmentationSettings, batch_size: int, spatial_dim
         do_gamma=chance(settings.gamma_probability),
         gamma=uniform(settings.gamma_range),
     )
+    draw.set_spatial(draw_spatial(settings, rng, d, b))
+    return draw
 
 
 class BatchAugmentation:
@@ -145,38 +158,70 @@ class BatchAugmentation:
         self.rng = np.random.default_rng(seed)
         self._device_generators: dict[str, torch.Generator] = {}
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor,
-                 draw: AugmentationDraw | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor | Sequence[torch.Tensor],
+                 label: torch.Tensor | Sequence[torch.Tensor],
+                 draw: AugmentationDraw | None = None,
+                 spatial: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment a batch.
 
         Args:
-            image: (B, C, *window) float windows.
-            label: (B, 1, *window) integer windows.
+            image: (B, C, *window) float windows, or a list of B (C, *window_b) windows of
+                their own sizes (the data loader's: each patch cut with the margin its own
+                rotation and scaling need).
+            label: the same for the (1, *window) integer labels.
             draw: the parameters; drawn from the host generator when None.
+            spatial: (B, 2 + A + d) rotation and scaling drawn where the windows were cut
+                (:func:`draw_spatial` rows, on the host); they replace the draw's.
 
         Returns:
             image (B, C, *input_size) float32 and label (B, 1, *output_size) int64.
         """
-        if tuple(image.shape[2:]) != self.window_size or image.shape[2:] != label.shape[2:]:
-            raise ValueError(f"expected windows of {self.window_size}, got image "
-                             f"{tuple(image.shape[2:])} and label {tuple(label.shape[2:])}")
+        windows = self._window_sizes(image, label)
         if draw is None:
-            draw = draw_parameters(self.settings, image.shape[0], self.spatial_dims, self.rng)
-        values = self.device_values(draw, image.device)
-        image, label = self.spatial(image.float(), label, draw, values)  # (B, C|1, *input_size)
+            draw = draw_parameters(self.settings, len(windows), self.spatial_dims, self.rng)
+        if spatial is not None:
+            draw.set_spatial(spatial)
+        values = self.device_values(draw, _device_of(image), windows)
+        image, label = self.spatial(image, label, draw, values)     # (B, C|1, *input_size)
         image, label = self.mirror(image, label, draw)
         image = self.intensity(image, draw, values)
         return image, _center_crop(label, self.output_size).long()
 
-    def device_values(self, draw: AugmentationDraw, device: torch.device) -> DeviceValues:
+    def _window_sizes(self, image: torch.Tensor | Sequence[torch.Tensor],
+                      label: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+        """Each sample's window size, checked: the fixed one, or each its own (list input)."""
+        if isinstance(image, torch.Tensor):
+            if tuple(image.shape[2:]) != self.window_size or image.shape[2:] != label.shape[2:]:
+                raise ValueError(f"expected windows of {self.window_size}, got image "
+                                 f"{tuple(image.shape[2:])} and label {tuple(label.shape[2:])}")
+            return [self.window_size] * image.shape[0]
+        windows = []
+        for x, y in zip(image, label, strict=True):
+            window = tuple(x.shape[1:])
+            if window != tuple(y.shape[1:]) or any(
+                    w < n or (w - n) % 2 for w, n in zip(window, self.input_size, strict=True)):
+                raise ValueError(f"window {window} (label {tuple(y.shape[1:])}) must hold the "
+                                 f"input patch {self.input_size} centred")
+            windows.append(window)
+        return windows
+
+    def device_values(self, draw: AugmentationDraw, device: torch.device,
+                      windows: Sequence[Sequence[int]] | None = None) -> DeviceValues:
         """The draw's numbers on ``device``, in one copy.
 
         One pinned buffer sent with ``non_blocking=True``: a copy from ordinary host memory
         (``torch.as_tensor(array, device=...)``) makes the host wait for every kernel queued
         before it, which would stall the GPU once per parameter.
+
+        Args:
+            draw: the batch's parameters.
+            device: the batch's device.
+            windows: each sample's window size (default: the fixed window).
         """
-        moved = np.flatnonzero(draw.do_rotate | draw.do_scale)
-        arrays = {"theta": self.affine_theta(draw.matrices()[moved]),
+        moved = draw.moved
+        sizes = np.asarray(windows if windows is not None
+                           else [self.window_size] * len(draw.noise_std), dtype=np.float64)
+        arrays = {"theta": self.affine_theta(draw.matrices()[moved], sizes[moved]),
                   "noise_std": draw.noise_std, "blur_sigma": draw.blur_sigma,
                   "brightness": draw.brightness, "contrast": draw.contrast,
                   "gamma": draw.gamma}
@@ -193,28 +238,42 @@ class BatchAugmentation:
         return DeviceValues(**tensors)
 
     # ------------------------------------------------------------------ spatial
-    def spatial(self, image: torch.Tensor, label: torch.Tensor, draw: AugmentationDraw,
+    def spatial(self, image: torch.Tensor | Sequence[torch.Tensor],
+                label: torch.Tensor | Sequence[torch.Tensor], draw: AugmentationDraw,
                 values: DeviceValues) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate and scale about the window's centre and cut the input patch, in one step.
+        """Rotate and scale about each window's centre and cut the input patch, in one step.
 
         Samples that are neither rotated nor scaled are cut out exactly (no interpolation).
-        One ``affine_grid`` serves the batch; each moved sample is resampled from a view of its
-        own window (indexing the batch with a list of samples would copy whole windows,
-        several times the patch).
+        One ``affine_grid`` serves the batch; each moved sample is resampled from its own
+        window (a view: indexing the batch with a list of samples would copy whole windows).
+
+        Returns:
+            image (B, C, *input_size) float32, label (B, 1, *input_size).
         """
-        image_out = _center_crop(image, self.input_size).clone()    # (B, C, *in)
-        label_out = _center_crop(label, self.input_size).clone()    # (B, 1, *in)
-        moved = np.flatnonzero(draw.do_rotate | draw.do_scale)
-        if moved.size:
-            grid = F.affine_grid(values.theta, [len(moved), 1, *self.input_size],
-                                 align_corners=True)                 # (k, *in, d), x first
-            for j, i in enumerate(moved.tolist()):
-                image_out[i] = F.grid_sample(image[i:i + 1], grid[j:j + 1], mode="bilinear",
-                                             padding_mode="reflection", align_corners=True)[0]
-                label_out[i] = self.nearest(label[i], grid[j])
+        first = image[0]
+        batch = len(image)
+        image_out = torch.empty((batch, first.shape[0], *self.input_size), dtype=torch.float32,
+                                device=first.device)
+        label_out = torch.empty((batch, 1, *self.input_size), dtype=label[0].dtype,
+                                device=first.device)
+        moved = draw.moved
+        grid = (F.affine_grid(values.theta, [len(moved), 1, *self.input_size],
+                              align_corners=True) if moved.size else None)  # (k, *in, d)
+        slot = {int(i): j for j, i in enumerate(moved)}
+        for i in range(batch):
+            window, window_label = image[i].float(), label[i]       # (C, *w), (1, *w)
+            if i not in slot:
+                image_out[i] = _center_crop(window[None], self.input_size)[0]
+                label_out[i] = _center_crop(window_label[None], self.input_size)[0]
+                continue
+            j = slot[i]
+            image_out[i] = F.grid_sample(window[None], grid[j:j + 1], mode="bilinear",
+                                         padding_mode="reflection", align_corners=True)[0]
+            label_out[i] = self.nearest(window_label, grid[j])
         return image_out, label_out
 
-    def affine_theta(self, matrices: np.ndarray) -> np.ndarray:
+    def affine_theta(self, matrices: np.ndarray, windows: np.ndarray | None = None
+                     ) -> np.ndarray:
         """``affine_grid``'s theta: output voxel p (centred) reads window voxel M p (centred).
 
         M in normalised coordinates, diag(2/(w−1)) · M · diag((n−1)/2), axes reversed to
@@ -222,19 +281,22 @@ class BatchAugmentation:
 
         Args:
             matrices: (k, d, d) output-to-input maps in array-axis order.
+            windows: (k, d) each sample's window size (default: the fixed window).
 
         Returns:
             (k, d, d + 1) for ``align_corners=True``.
         """
-        window = np.asarray(self.window_size, dtype=np.float64)
+        k, dims = len(matrices), len(self.input_size)
+        window = (np.asarray(windows, dtype=np.float64).reshape(k, dims) if windows is not None
+                  else np.tile(np.asarray(self.window_size, dtype=np.float64), (k, 1)))
         size = np.asarray(self.input_size, dtype=np.float64)
-        normalised = (np.diag(2 / np.maximum(window - 1, 1))[None] @ matrices
-                      @ np.diag((size - 1) / 2)[None])                      # (k, d, d)
+        to_window = 2 / np.maximum(window - 1, 1)                            # (k, d)
+        normalised = to_window[:, :, None] * matrices * ((size - 1) / 2)[None, None, :]
         reverse = normalised[:, ::-1, ::-1]                                  # x, y[, z] order
-        return np.concatenate([reverse, np.zeros((len(matrices), len(size), 1))], axis=2)
+        return np.concatenate([reverse, np.zeros((k, dims, 1))], axis=2)
 
     def sampling_grid(self, matrices: np.ndarray, device: torch.device) -> torch.Tensor:
-        """The (k, *input_size, d) grid of :meth:`affine_theta`, in [-1, 1]."""
+        """The (k, *input_size, d) grid of :meth:`affine_theta` (fixed window), in [-1, 1]."""
         theta = torch.as_tensor(self.affine_theta(matrices), dtype=torch.float32, device=device)
         return F.affine_grid(theta, [len(matrices), 1, *self.input_size], align_corners=True)
 
@@ -248,9 +310,10 @@ class BatchAugmentation:
         Returns:
             (1, *input_size) labels of ``label``'s dtype.
         """
-        dims = len(self.window_size)
+        window = label.shape[1:]
+        dims = len(window)
         index = torch.zeros(grid.shape[:-1], dtype=torch.long, device=grid.device)
-        for axis, size in enumerate(self.window_size):
+        for axis, size in enumerate(window):
             position = (grid[..., dims - 1 - axis] + 1) * ((size - 1) / 2)
             index = index * size + torch.round(position).long().clamp_(0, size - 1)
         return label.reshape(-1)[index.reshape(-1)].reshape(1, *self.input_size)
@@ -370,6 +433,10 @@ class DeviceValues:
     brightness: torch.Tensor   # (B,)
     contrast: torch.Tensor     # (B,)
     gamma: torch.Tensor        # (B,)
+
+
+def _device_of(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else x[0].device
 
 
 def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

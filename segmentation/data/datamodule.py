@@ -22,7 +22,13 @@ from segmentation.data.check import check_dataset
 from segmentation.data.fitted_preprocessing import load_or_fit_preprocessing
 from segmentation.data.items import case_item, collate_volumes
 from segmentation.data.layout import Case, DatasetInfo, find_case_files, read_dataset
-from segmentation.data.patches import ClassLocationsd, RandomPatches, patch_transforms
+from segmentation.data.patches import (
+    SPATIAL,
+    ClassLocationsd,
+    RandomPatches,
+    collate_windows,
+    patch_transforms,
+)
 from segmentation.data.preprocessing import Preprocessing
 from segmentation.data.slices import RandomSlices
 from segmentation.data.splits import ALL_FOLD, check_fold, fold_cases, load_or_create_splits
@@ -124,6 +130,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.augment_on = augment_on
         self.augmentation = AugmentationSettings.from_value(augmentation)
         self.batch_augmentation: BatchAugmentation | None = None  # set by train_dataloader
+        self._host_spatial: np.ndarray | None = None  # the batch in transfer's draws
         self.preprocessing = Preprocessing.from_dict(preprocessing) if preprocessing else None
         self.predict_files = predict_files
         self.input_size = tuple(int(s) for s in patch_size)
@@ -257,8 +264,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         """Batches {"image": (B, C, *input_size), "label": (B, 1, *output_size)}.
 
         With device augmentation the loader gives windows instead (see
-        :meth:`augments_on_device`), image and label (B, C or 1, *window), which
-        :meth:`on_after_batch_transfer` augments and cuts to those shapes on the device.
+        :meth:`augments_on_device`): lists of B windows, each patch's own size, and their
+        rotations and scalings, which :meth:`on_before_batch_transfer` keeps on the host and
+        :meth:`on_after_batch_transfer` applies, cutting to those shapes on the device.
 
         Lightning re-creates the loader with a DistributedSampler under DDP from the arguments
         given here, the rank's ``generator`` included.
@@ -272,28 +280,40 @@ class SegmentationDataModule(pl.LightningDataModule):
                 self.patches_per_epoch, foreground_fraction=self.foreground_fraction,
                 augment=self.augment, seed=self.split_seed, settings=self.augmentation)
         else:
-            window = None
             if self.augments_on_device():
                 self.batch_augmentation = BatchAugmentation(
                     self.augmentation, self.input_size, self.output_size,
                     seed=self.rank_seed("device augmentation"))
-                window = self.batch_augmentation.window_size
             transform = patch_transforms(len(self.input_size), self.input_size, self.output_size,
                                          foreground_fraction=self.foreground_fraction,
                                          augment=self.augment, settings=self.augmentation,
-                                         window_size=window)
+                                         on_device=self.batch_augmentation is not None)
             patches = RandomPatches(volumes, transform, self.patches_per_epoch)
         pin = self._training_device_type() == "cuda"
+        collate = {"collate_fn": collate_windows} if self.batch_augmentation else {}
         return DataLoader(patches, batch_size=self.batch_size, shuffle=True,
                           num_workers=self.num_workers, drop_last=False,
                           persistent_workers=self.num_workers > 0, pin_memory=pin,
-                          generator=generator)
+                          generator=generator, **collate)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Keep a training batch's rotation and scaling on the host (device augmentation).
+
+        The windows' draws stay where they were made: reading them back from the GPU would
+        make the host wait for it.
+        """
+        if (self.batch_augmentation is not None and isinstance(batch, dict)
+                and SPATIAL in batch):
+            batch = dict(batch)
+            self._host_spatial = batch.pop(SPATIAL).numpy()
+        return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment a training batch of windows on its device (device augmentation only).
 
         Args:
-            batch: {"image": (B, C, *window), "label": (B, 1, *window)} on the device.
+            batch: {"image": B (C, *window_b), "label": B (1, *window_b)} on the device, each
+                patch's window of its own size (:class:`AugmentationWindowCropd`).
             dataloader_idx: unused.
 
         Returns:
@@ -302,9 +322,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         """
         trainer = self.trainer
         if (self.batch_augmentation is None or trainer is None or not trainer.training
-                or not isinstance(batch, dict)):
+                or not isinstance(batch, dict) or self._host_spatial is None):
             return batch
-        image, label = self.batch_augmentation(batch["image"], batch["label"])
+        image, label = self.batch_augmentation(batch["image"], batch["label"],
+                                               spatial=self._host_spatial)
+        self._host_spatial = None
         return {**batch, "image": image, "label": label}
 
     def val_dataloader(self) -> DataLoader:

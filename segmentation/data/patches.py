@@ -32,9 +32,15 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from segmentation.data.augmentation_settings import AugmentationSettings
+from segmentation.data.augmentation_settings import (
+    AugmentationSettings,
+    draw_spatial,
+    sample_window,
+    spatial_matrices,
+)
 
 CLASS_LOCATIONS = "class_locations"
+SPATIAL = "spatial"  # a window's rotation and scaling, drawn where it was cut
 
 
 class ClassLocationsd(MapTransform):
@@ -178,13 +184,83 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
         d.pop(CLASS_LOCATIONS, None)
         image = np.asarray(d[self.image_key], dtype=np.float32)
         label = np.asarray(d[self.label_key])
-        padded, before = self._padding(image.shape[1:])
-        empty = np.empty((0, label.ndim - 1), dtype=np.int64)
-        start = self._window_start(empty if voxels is None else voxels, padded, before)
-        origin = [s - b for s, b in zip(start, before, strict=True)]  # in scan coordinates
+        origin = self.window_origin(image.shape[1:], voxels)
         d[self.image_key] = torch.from_numpy(reflect_window(image, origin, self.input_size))
         d[self.label_key] = torch.from_numpy(reflect_window(label, origin, self.input_size))
         return d
+
+    def window_origin(self, shape: Sequence[int], voxels: np.ndarray | None) -> list[int]:
+        """First voxel of a random window (see :meth:`crop`), in scan coordinates.
+
+        Args:
+            shape: the scan's spatial shape.
+            voxels: (V, spatial_dims) candidate voxels for the label window, or None.
+        """
+        padded, before = self._padding(shape)
+        empty = np.empty((0, len(shape)), dtype=np.int64)
+        start = self._window_start(empty if voxels is None else voxels, padded, before)
+        return [s - b for s, b in zip(start, before, strict=True)]
+
+
+class AugmentationWindowCropd(ForegroundOversampledCropd):
+    """Cut a patch's window for the batched device augmentation, with its rotation and scaling.
+
+    The patch is placed as :class:`ForegroundOversampledCropd` places it (same random stream,
+    same foreground forcing); then this patch's rotation and scaling are drawn
+    (:func:`~segmentation.data.augmentation_settings.draw_spatial`) and the window cut around
+    it is the patch itself when neither applies, else the bounding box of the rotated and
+    scaled patch plus a voxel (:func:`~segmentation.data.augmentation_settings.sample_window`).
+    Most patches are not moved (p 0.64 at nnU-Net's defaults), so the workers copy and the
+    loader moves little more than the patches, where one worst-case window for all would be
+    about 11 times their size.
+
+    Returns ``image`` (C, *window) float32, ``label`` (1, *window) (uint8 where the values
+    fit) and ``spatial``, the (2 + A + d,) row of the draw.
+    """
+
+    def __init__(self, image_key: str, label_key: str, input_size: Sequence[int],
+                 output_size: Sequence[int], foreground_fraction: float,
+                 settings: AugmentationSettings) -> None:
+        super().__init__(image_key, label_key, input_size, output_size, foreground_fraction)
+        self.settings = settings
+
+    def crop(self, data: Mapping[Hashable, Any], voxels: np.ndarray | None
+             ) -> dict[Hashable, Any]:
+        """The window of a patch whose label part contains one of ``voxels`` (or uniform)."""
+        d = dict(data)
+        d.pop(CLASS_LOCATIONS, None)
+        image = np.asarray(d[self.image_key], dtype=np.float32)
+        label = np.asarray(d[self.label_key])
+        origin = self.window_origin(image.shape[1:], voxels)           # of the patch
+        dims = len(self.input_size)
+        row = draw_spatial(self.settings, self.R, dims, 1)[0]
+        moved = row[0] > 0.5 or row[1] > 0.5
+        window = sample_window(spatial_matrices(row, dims)[0] if moved else None,
+                               self.input_size, self.output_size)
+        start = [o - (w - n) // 2 for o, w, n in zip(origin, window, self.input_size,
+                                                      strict=True)]
+        d[self.image_key] = torch.from_numpy(reflect_window(image, start, window))
+        d[self.label_key] = compact_label(reflect_window(label, start, window))
+        d[SPATIAL] = torch.from_numpy(row.astype(np.float32))
+        return d
+
+
+def compact_label(label: np.ndarray) -> torch.Tensor:
+    """Labels as a uint8 tensor when every value fits (8× less to copy to the device)."""
+    fits = label.size == 0 or (int(label.min()) >= 0 and int(label.max()) < 256)
+    return torch.from_numpy(np.ascontiguousarray(label.astype(np.uint8 if fits else np.int64)))
+
+
+def collate_windows(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch of :class:`AugmentationWindowCropd` outputs, windows of their own sizes.
+
+    Returns:
+        {"image": list of (C, *window_b), "label": list of (1, *window_b), "spatial":
+        (B, 2 + A + d)}.
+    """
+    return {"image": [item["image"] for item in items],
+            "label": [item["label"] for item in items],
+            SPATIAL: torch.stack([item[SPATIAL] for item in items])}
 
 
 def reflect_window(array: np.ndarray, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -284,27 +360,23 @@ def spatial_augmentation(spatial_dims: int, settings: AugmentationSettings) -> l
 def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: Sequence[int], *,
                      foreground_fraction: float = 1 / 3, augment: bool = True,
                      settings: AugmentationSettings | None = None,
-                     window_size: Sequence[int] | None = None) -> Compose:
+                     on_device: bool = False) -> Compose:
     """Preprocessed volume → training patch pair (see :class:`ForegroundOversampledCropd`).
 
     nnU-Net's augmentation with MONAI's transforms, per patch: :func:`spatial_augmentation`
     and :func:`intensity_augmentation`, with ``settings``; ``augment=False`` gives plain crops.
 
-    With ``window_size`` the chain only cuts windows for the batched device augmentation
-    (:class:`~segmentation.data.batch_augmentation.BatchAugmentation`): ``image`` and ``label``
-    both (C or 1, *window_size), centred on the patch, unaugmented, labels uint8 where they fit.
+    With ``on_device`` the chain only cuts windows for the batched device augmentation
+    (:class:`AugmentationWindowCropd`; batch them with :func:`collate_windows`).
 
     Returns:
         A Compose giving ``image`` (C, *input_size) float32 and ``label`` (1, *output_size)
         int64 tensors (or the windows, see above).
     """
-    if window_size is not None:
-        return Compose([
-            ForegroundOversampledCropd("image", "label", window_size, output_size,
-                                       foreground_fraction),
-            EnsureTyped("image", dtype=torch.float32, track_meta=False),
-            _CompactLabeld("label"),
-        ])
+    if on_device:
+        return Compose([AugmentationWindowCropd("image", "label", input_size, output_size,
+                                                foreground_fraction,
+                                                settings or AugmentationSettings())])
     steps: list[Any] = [ForegroundOversampledCropd("image", "label", input_size, output_size,
                                                    foreground_fraction)]
     if augment:
@@ -317,18 +389,6 @@ def patch_transforms(spatial_dims: int, input_size: Sequence[int], output_size: 
         EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
     return Compose(steps)
-
-
-class _CompactLabeld(MapTransform):
-    """Labels as uint8 tensors when every value fits (8× less to copy to the device)."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key])
-            fits = label.numel() == 0 or (int(label.min()) >= 0 and int(label.max()) < 256)
-            d[key] = label.to(torch.uint8 if fits else torch.long)
-        return d
 
 
 class RandomPatches(Dataset):

@@ -25,7 +25,11 @@ from segmentation.data.batch_augmentation import (
     BatchAugmentation,
     draw_parameters,
 )
-from segmentation.data.patches import ForegroundOversampledCropd, patch_transforms
+from segmentation.data.patches import (
+    ForegroundOversampledCropd,
+    collate_windows,
+    patch_transforms,
+)
 
 NOTHING = AugmentationSettings(**{f"{name}_probability": 0.0 for name in (
     "rotation", "scaling", "mirror", "noise", "blur", "brightness", "contrast",
@@ -233,6 +237,9 @@ def test_parameter_distributions_match_the_cpu_chain():
 def test_output_statistics_match_the_cpu_chain():
     """Same patch, same settings, 400 draws each: the outputs agree in distribution.
 
+    The device path runs as the data module runs it: windows of each patch's own size, cut
+    with the rotation and scaling drawn in the loader, batched by :func:`collate_windows`.
+
     The volume is the patch, so every draw starts from the same voxels and only augmentation
     varies. The statistics (mean, spread, label share, mean change of a slice) catch a wrong
     rotation, scaling or mirroring probability or range (checked by hand: each such change
@@ -262,12 +269,17 @@ def test_output_statistics_match_the_cpu_chain():
                           for p in (cpu(dict(data)) for _ in range(n))])
     augmentation = BatchAugmentation(settings, size, size, seed=2)
     windows = patch_transforms(3, size, size, foreground_fraction=0, settings=settings,
-                               window_size=augmentation.window_size)
+                               on_device=True)
     windows.set_random_state(1)
-    cut = [windows(dict(data)) for _ in range(n)]
-    assert cut[0]["label"].dtype == torch.uint8  # labels travel compact
-    images, labels = augmentation(torch.stack([c["image"] for c in cut]),
-                                  torch.stack([c["label"] for c in cut]))
+    batch = collate_windows([windows(dict(data)) for _ in range(n)])
+    assert batch["label"][0].dtype == torch.uint8  # labels travel compact
+    moved = (batch["spatial"][:, :2] > 0.5).any(1)
+    shapes = [tuple(w.shape[1:]) for w in batch["image"]]
+    assert all(s == size for s, m in zip(shapes, moved, strict=True) if not m)
+    assert all(a >= b for s in shapes for a, b in zip(s, size, strict=True))
+    assert any(s != size for s in shapes)  # moved patches carry the margin they need
+    images, labels = augmentation(batch["image"], batch["label"],
+                                  spatial=batch["spatial"].numpy())
     device_stats = np.array([summary(i, lab) for i, lab in zip(images, labels, strict=True)])
     for column, name in enumerate(("mean", "std", "label share", "slice change")):
         assert stats.ks_2samp(cpu_stats[:, column], device_stats[:, column]).pvalue > 1e-3, name

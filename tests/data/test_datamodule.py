@@ -202,18 +202,23 @@ def test_device_augmentation_cuts_windows_and_augments_after_transfer(synth_medi
     dm.trainer = fake_trainer("cpu")
     assert dm.augments_on_device()  # "device" on a CPU-only trainer: runs on the CPU
     windows = next(iter(dm.train_dataloader()))
-    window = dm.batch_augmentation.window_size
-    assert all(w > p for w, p in zip(window, patch, strict=True))
-    assert windows["image"].shape == (3, 1, *window) and windows["label"].shape == (3, 1, *window)
-    assert windows["label"].dtype == torch.uint8
-    batch = dm.on_after_batch_transfer(windows, 0)
+    assert set(windows) == {"image", "label", "spatial"} and windows["spatial"].shape[0] == 3
+    for image, label in zip(windows["image"], windows["label"], strict=True):
+        # every patch is rotated: its window holds the rotated patch, label windows alike
+        assert image.shape[0] == 1 and image.shape[1:] == label.shape[1:]
+        assert all(w > p for w, p in zip(image.shape[1:], patch, strict=True))
+        assert label.dtype == torch.uint8
+    before = dm.on_before_batch_transfer(windows, 0)
+    assert "spatial" not in before  # kept on the host
+    batch = dm.on_after_batch_transfer(before, 0)
     assert batch["image"].shape == (3, 1, *patch) and batch["label"].shape == (3, 1, *output)
     assert batch["label"].dtype == torch.long
-    centre = tuple(slice((w - p) // 2, (w - p) // 2 + p) for w, p in zip(window, patch,
+    first = windows["image"][0]
+    centre = tuple(slice((w - p) // 2, (w - p) // 2 + p) for w, p in zip(first.shape[1:], patch,
                                                                          strict=True))
-    assert not torch.allclose(batch["image"], windows["image"][(..., *centre)])  # rotated
+    assert not torch.allclose(batch["image"][0], first[(slice(None), *centre)])  # rotated
     dm.trainer = fake_trainer("cpu", training=False)  # validation batches pass unchanged
-    assert dm.on_after_batch_transfer(windows, 0) is windows
+    assert dm.on_after_batch_transfer(before, 0) is before
 
 
 @pytest.mark.parametrize(("augment_on", "device", "expected"), [
