@@ -2,11 +2,12 @@
 
 Per-sample augmentation with MONAI's transforms on CPU workers yields a few 128³ patches per
 second per worker, while one compiled training step consumes dozens: the GPU starves. Here
-the CPU workers only cut windows (:func:`~segmentation.data.augmentation_settings.
-augmentation_window`: the patch plus the margin rotation and scaling need), and this module
-applies the same augmentation as :func:`~segmentation.data.patches.patch_transforms`, with the
-same probabilities and ranges (:class:`AugmentationSettings`), batched on whatever device the
-batch is on. It is our own because MONAI's and Lightning's augmentations work per sample.
+the CPU workers only draw each patch's rotation and scaling and cut its window
+(:class:`~segmentation.data.patches.AugmentationWindowCropd`: the patch, or the bounding box of
+the rotated and scaled patch), and this module applies the same augmentation as
+:func:`~segmentation.data.patches.patch_transforms`, with the same probabilities and ranges
+(:class:`AugmentationSettings`), batched on whatever device the batch is on. It is our own
+because MONAI's and Lightning's augmentations work per sample.
 
 Order (as the CPU chain): rotation and scaling in one resampling (``grid_sample``; the CPU
 chain resamples twice), mirroring, Gaussian noise, blur, brightness, contrast, simulated low
@@ -14,10 +15,11 @@ resolution, gamma. Labels are resampled by nearest neighbour, as the CPU chain d
 + linear + argmax resampling would smooth borders slightly better but costs a float map per
 class, which is memory the GPU needs for the network, and would make the two paths differ.
 
-Every random number is drawn on the host from one numpy generator (seeded per DDP rank by the
-data module), so no decision reads a device value back, and a batch's numbers reach the device
-in one pinned, non-blocking copy: augmentation never makes the host wait for the GPU. Noise
-values are drawn on the device from a generator seeded from the host one.
+Every decision and parameter is drawn on the host (rotation and scaling by the worker that cut
+the window, the rest from one numpy generator seeded per DDP rank by the data module), so none
+reads a device value back, and a batch's numbers reach the device in one pinned, non-blocking
+copy: augmentation never makes the host wait for the GPU. Noise values are drawn on the device
+from a generator seeded from the host one.
 """
 
 from __future__ import annotations
