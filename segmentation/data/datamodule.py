@@ -62,7 +62,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         augment_on: where it runs: "cpu" (per patch, MONAI's transforms, in the loader
             workers), "device" (batched on the training device after transfer: the workers only
             cut windows; :mod:`segmentation.data.batch_augmentation`) or "auto" (the device when
-            training on a GPU, else the CPU). 2D slice mode augments on the CPU.
+            training on a GPU, else the CPU). In 2D slice mode "cpu" uses albumentations and
+            "device" the same batched path as 3D.
         augmentation: probabilities and ranges of the augmentation, any fields of
             :class:`~segmentation.data.augmentation_settings.AugmentationSettings` (the rest
             keep nnU-Net's defaults), e.g. ``{rotation_probability: 0.3}``; both places read
@@ -113,10 +114,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         if augment_on not in AUGMENT_ON:
             raise ValueError(f"data.augment_on={augment_on!r} is not supported; choose one of "
                              f"{', '.join(AUGMENT_ON)}")
-        if augment_on == "device" and slice_axis is not None:
-            raise ValueError("data.augment_on='device' covers 3D patches; 2D slice mode "
-                             "(data.slice_axis) augments with albumentations on the CPU: choose "
-                             "cpu or auto")
         if not 0 <= foreground_fraction <= 1:
             raise ValueError(f"data.foreground_fraction={foreground_fraction}: choose a share "
                              "between 0 and 1 (nnU-Net: 0.33)")
@@ -246,10 +243,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     def augments_on_device(self) -> bool:
         """Whether training batches are augmented on the device (``augment_on``, resolved).
 
-        "auto" picks the device when the trainer trains on a GPU (any accelerator but the CPU)
-        and the patches are 3D.
+        "auto" picks the device when the trainer trains on a GPU (any accelerator but the CPU).
         """
-        if not self.augment or self.slice_axis is not None or self.augment_on == "cpu":
+        if not self.augment or self.augment_on == "cpu":
             return False
         if self.augment_on == "device":
             return True
@@ -274,20 +270,22 @@ class SegmentationDataModule(pl.LightningDataModule):
         volumes = self.volumes(self.train_cases)
         generator = self.train_generator()
         self.batch_augmentation = None
+        if self.augments_on_device():
+            self.batch_augmentation = BatchAugmentation(
+                self.augmentation, self.input_size, self.output_size,
+                seed=self.rank_seed("device augmentation"))
+        on_device = self.batch_augmentation is not None
         if self.slice_axis is not None:
             patches: TorchDataset = RandomSlices(
                 volumes, self.slice_axis, self.input_size, self.output_size,
                 self.patches_per_epoch, foreground_fraction=self.foreground_fraction,
-                augment=self.augment, seed=self.split_seed, settings=self.augmentation)
+                augment=self.augment, seed=self.split_seed, settings=self.augmentation,
+                on_device=on_device)
         else:
-            if self.augments_on_device():
-                self.batch_augmentation = BatchAugmentation(
-                    self.augmentation, self.input_size, self.output_size,
-                    seed=self.rank_seed("device augmentation"))
             transform = patch_transforms(len(self.input_size), self.input_size, self.output_size,
                                          foreground_fraction=self.foreground_fraction,
                                          augment=self.augment, settings=self.augmentation,
-                                         on_device=self.batch_augmentation is not None)
+                                         on_device=on_device)
             patches = RandomPatches(volumes, transform, self.patches_per_epoch)
         pin = self._training_device_type() == "cuda"
         collate = {"collate_fn": collate_windows} if self.batch_augmentation else {}

@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 
 from segmentation.data.augmentation_settings import AugmentationSettings
 from segmentation.data.patches import (
+    SPATIAL,
+    AugmentationWindowCropd,
     ForegroundOversampledCropd,
     class_locations,
     intensity_augmentation,
@@ -73,18 +75,27 @@ class RandomSlices(Randomizable, Dataset):
         length: number of patches per epoch.
         seed: initial seed (MONAI's DataLoader replaces it per worker).
         settings: augmentation probabilities and ranges (default: nnU-Net's).
+        on_device: only cut each slice's window for the batched device augmentation
+            (:class:`~segmentation.data.patches.AugmentationWindowCropd`; batch with
+            :func:`~segmentation.data.patches.collate_windows`), no augmentation here.
     """
 
     def __init__(self, volumes: Dataset, axis: int, input_size: Sequence[int],
                  output_size: Sequence[int], length: int, *, foreground_fraction: float = 1 / 3,
                  augment: bool = True, seed: int = 0,
-                 settings: AugmentationSettings | None = None) -> None:
+                 settings: AugmentationSettings | None = None, on_device: bool = False
+                 ) -> None:
         if axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {axis}")
         self.volumes, self.axis, self.length = volumes, axis, length
         self.output_size = tuple(output_size)
-        self.crop = ForegroundOversampledCropd("image", "label", input_size, output_size,
-                                               foreground_fraction)
+        self.on_device = on_device
+        self.crop = (AugmentationWindowCropd("image", "label", input_size, output_size,
+                                             foreground_fraction,
+                                             settings or AugmentationSettings())
+                     if on_device else
+                     ForegroundOversampledCropd("image", "label", input_size, output_size,
+                                                foreground_fraction))
         self.foreground_fraction = foreground_fraction
         self.augment = augment
         self.spatial = slice_augmentation(settings)
@@ -112,7 +123,11 @@ class RandomSlices(Randomizable, Dataset):
         self._force_foreground = self.R.rand() < self.foreground_fraction
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return {"image": (C, H, W) float32, "label": (1, h, w) int64}."""
+        """Return {"image": (C, H, W) float32, "label": (1, h, w) int64}.
+
+        With ``on_device``: the slice's window {"image": (C, *window), "label": (1, *window),
+        "spatial": its rotation and scaling}.
+        """
         volume = self.volumes[index % len(self.volumes)]
         image = np.asarray(volume["image"], dtype=np.float32)      # (C, *S)
         label = np.asarray(volume["label"])                        # (1, *S)
@@ -134,6 +149,8 @@ class RandomSlices(Randomizable, Dataset):
         image2d = np.take(image, position, axis=1 + self.axis)    # (C, H, W)
         label2d = np.take(label, position, axis=1 + self.axis)    # (1, H, W)
         window = self.crop.crop({"image": image2d, "label": label2d}, voxels)
+        if self.on_device:  # the slice's window, its rotation and scaling (collate_windows)
+            return {key: window[key] for key in ("image", "label", SPATIAL)}
         image2d, label2d = window["image"].numpy(), window["label"].numpy()
         if self.augment:
             out = self.spatial(image=np.ascontiguousarray(image2d.transpose(1, 2, 0)),

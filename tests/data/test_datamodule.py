@@ -237,9 +237,6 @@ def test_augmentation_choices_are_refused_with_the_key(synth_medium):
     with pytest.raises(ValueError, match=r"data\.augment_on='gpu' is not supported; choose one "
                                          r"of auto, cpu, device"):
         SegmentationDataModule(str(synth_medium), augment_on="gpu")
-    with pytest.raises(ValueError, match=r"augment_on='device' covers 3D patches"):
-        SegmentationDataModule(str(synth_medium), augment_on="device", slice_axis=0,
-                               patch_size=(32, 32))
     with pytest.raises(ValueError, match=r"data\.augmentation\.blur_probability=-0\.1"):
         SegmentationDataModule(str(synth_medium), augmentation={"blur_probability": -0.1})
 
@@ -257,3 +254,17 @@ def test_device_augmentation_draws_differ_between_ranks_and_repeat_per_seed(synt
 
     assert not np.array_equal(first_draw(0), first_draw(1))
     np.testing.assert_array_equal(first_draw(1), first_draw(1))
+
+
+def test_slice_mode_on_the_device_cuts_slice_windows(synth_medium):
+    dm = SegmentationDataModule(str(synth_medium), patch_size=(24, 24), batch_size=4,
+                                patches_per_epoch=8, num_workers=0, check=False, slice_axis=2,
+                                augment_on="device", augmentation={"scaling_probability": 1.0})
+    dm.setup("fit")
+    dm.trainer = fake_trainer("cpu")
+    windows = next(iter(dm.train_dataloader()))
+    assert windows["spatial"].shape == (4, 2 + 1 + 2)  # do_rotate, do_scale, 1 angle, 2 scales
+    assert all(image.ndim == 3 and image.shape[1:] == label.shape[1:]
+               for image, label in zip(windows["image"], windows["label"], strict=True))
+    batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(windows, 0), 0)
+    assert batch["image"].shape == (4, 1, 24, 24) and batch["label"].shape == (4, 1, 24, 24)

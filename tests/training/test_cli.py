@@ -104,12 +104,16 @@ def test_fast_dev_run_fit(dims, padding, slice_axis, tiny2d, tiny3d, tmp_path):
     assert 0.0 <= float(metrics["val/dice"]) <= 1.0  # whole-volume validation ran
 
 
-@pytest.mark.parametrize(("dims", "padding"), [(3, "valid"), (2, "same")])
-def test_fit_with_device_augmentation_on_a_cpu_trainer(dims, padding, tiny2d, tiny3d, tmp_path):
+@pytest.mark.parametrize(("dims", "padding", "slice_axis"), [
+    (3, "valid", None), (2, "same", None), (2, "valid", 2)])
+def test_fit_with_device_augmentation_on_a_cpu_trainer(dims, padding, slice_axis, tiny2d,
+                                                       tiny3d, tmp_path):
     """``data.augment_on device`` without a GPU: batched augmentation runs on the CPU."""
-    root = tiny3d if dims == 3 else tiny2d
+    root = tiny3d if dims == 3 or slice_axis is not None else tiny2d
+    slices = ["--data.slice_axis", str(slice_axis)] if slice_axis is not None else []
     cli = SegmentationCLI(args=fit_args(
-        root, tmp_path, dims, padding, "--trainer.fast_dev_run", "true", "--data.augment", "true",
+        root, tmp_path, dims, padding, *slices, "--trainer.fast_dev_run", "true",
+        "--data.augment", "true",
         "--data.augment_on", "device",
         "--data.augmentation", "{rotation_probability: 1.0, scaling_probability: 1.0}"))
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
