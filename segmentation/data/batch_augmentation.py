@@ -297,11 +297,6 @@ class BatchAugmentation:
         reverse = normalised[:, ::-1, ::-1]                                  # x, y[, z] order
         return np.concatenate([reverse, np.zeros((k, dims, 1))], axis=2)
 
-    def sampling_grid(self, matrices: np.ndarray, device: torch.device) -> torch.Tensor:
-        """The (k, *input_size, d) grid of :meth:`affine_theta` (fixed window), in [-1, 1]."""
-        theta = torch.as_tensor(self.affine_theta(matrices), dtype=torch.float32, device=device)
-        return F.affine_grid(theta, [len(matrices), 1, *self.input_size], align_corners=True)
-
     def nearest(self, label: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour resampling of one label window, as integers (no float copy).
 
