@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -19,11 +21,13 @@ from segmentation.data.augmentation_settings import (
     AugmentationSettings,
     augmentation_window,
     rotation_matrices,
+    sample_window,
 )
 from segmentation.data.batch_augmentation import (
     AugmentationDraw,
     BatchAugmentation,
     draw_parameters,
+    sampling_grid,
 )
 from segmentation.data.patches import (
     ForegroundOversampledCropd,
@@ -110,6 +114,54 @@ def test_the_window_holds_every_rotation_and_scaling_of_the_patch():
     grid = F.affine_grid(theta, [20, 1, *input_size], align_corners=True)  # as spatial() does
     assert grid.abs().max() <= 1.0  # the grid never reads outside the window
     assert augmentation_window(input_size, output_size, NOTHING) == input_size
+
+
+@pytest.mark.parametrize("size", [(5, 7, 9), (1, 4, 6), (8, 3), (1, 5)])
+def test_the_sampling_grid_is_affine_grids(size):
+    theta = torch.randn(3, len(size), len(size) + 1, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # affine_grid's note on unit sizes
+        expected = F.affine_grid(theta, [3, 1, *size], align_corners=True)
+    torch.testing.assert_close(sampling_grid(theta, size), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("input_size", [(24, 20, 12), (40, 33)])
+def test_each_patch_reads_only_its_own_window_a_voxel_from_the_edge(input_size):
+    """The workers cut each moved patch's own window; resampling must stay inside it (the
+    padding is then never read) and its nearest labels are grid_sample's."""
+    dims = len(input_size)
+    settings = AugmentationSettings(rotation_degrees=180, rotation_probability=1.0,
+                                    scaling_probability=1.0)
+    augmentation = BatchAugmentation(settings, input_size, input_size)
+    draw = draw_parameters(settings, 200, dims, np.random.default_rng(3))
+    windows = np.array([sample_window(m, input_size, input_size) for m in draw.matrices()])
+    values = augmentation.device_values(draw, torch.device("cpu"), windows)
+    grid = sampling_grid(values.theta, input_size)                     # (k, *in, d)
+    reverse = torch.as_tensor(windows[:, ::-1].copy(), dtype=torch.float32)
+    voxels = (grid + 1) / 2 * (reverse - 1).reshape(-1, *[1] * dims, dims)
+    assert voxels.min() >= 1 - 1e-4
+    assert torch.all(voxels.amax(dim=tuple(range(1, dims + 1))) <= reverse - 2 + 1e-4)
+    generator = torch.Generator().manual_seed(4)
+    for j in range(0, 200, 40):
+        label = torch.randint(0, 5, (1, *windows[j]), generator=generator, dtype=torch.uint8)
+        ours = augmentation.nearest(label, values.matrices[j])
+        theirs = F.grid_sample(label[None].float(), grid[j:j + 1], mode="nearest",
+                               align_corners=True)[0]
+        assert ours.dtype == torch.uint8
+        assert (ours.float() == theirs).float().mean() > 0.999  # ties may round apart
+
+
+@pytest.mark.parametrize("shape", [(2, 14, 12, 10), (1, 3, 12, 2), (1, 2, 9)])
+def test_blur_is_monais_gaussian_smooth_even_across_thin_axes(shape):
+    dims = len(shape) - 1
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    augmentation = BatchAugmentation(NOTHING, shape[1:], shape[1:])
+    draw = no_op_draw(1, dims)
+    draw.blur_sigma[0] = [1.0, 0.5, 0.75][:dims]
+    values = augmentation.device_values(draw, image.device)
+    expected = GaussianSmooth(sigma=draw.blur_sigma[0].tolist())(image)
+    torch.testing.assert_close(augmentation._blur(image, 0, draw, values),
+                               torch.as_tensor(expected), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("input_size", [(512, 512), (48, 320, 320), (20, 96, 64)])
