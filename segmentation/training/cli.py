@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks.progress import ProgressBar as AnyProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -36,7 +37,7 @@ from segmentation.inference.checkpoint import (
     network_weights,
     read_checkpoint,
 )
-from segmentation.training.callbacks import LastCheckpoint, PeakMemory
+from segmentation.training.callbacks import LastCheckpoint, PeakMemory, ThrottledProgressBar
 from segmentation.training.module import SegmentationModule
 from segmentation.training.prediction_writer import (
     PREDICTIONS_FOLDER,
@@ -270,13 +271,14 @@ class SegmentationCLI(LightningCLI):
             extra.append(self._prediction_writer(config, Path(config.runs_dir) / config.name
                                                  / version))
         if trainer.get("enable_progress_bar") is not False:  # Lightning refuses a bar when off
-            extra.append(RichProgressBar())
+            extra.append(ThrottledProgressBar())
         if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
             extra += [LearningRateMonitor(logging_interval="step"), PeakMemory()]
         configured = trainer.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        kinds = {type(c) for c in configured}
-        kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds]
+        kinds = {AnyProgressBar if isinstance(c, AnyProgressBar) else type(c) for c in configured}
+        kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds and not (
+            isinstance(c, AnyProgressBar) and AnyProgressBar in kinds)]
         return super().instantiate_trainer(**kwargs)
 
     def _prediction_writer(self, config: Namespace, run_dir: Path) -> PredictionWriter:

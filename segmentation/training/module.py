@@ -89,8 +89,9 @@ class SegmentationModule(pl.LightningModule):
         self._val_rows: list[dict] = []
         self._test_rows: list[dict] = []
         # The epoch's mean training loss, reduced over DDP processes once per epoch (a Metric
-        # syncs when computed) instead of an all-reduce at every step.
-        self.train_loss_mean = MeanMetric()
+        # syncs when computed) instead of an all-reduce at every step. Only finite losses
+        # reach it, so its NaN check (a read of the device at every update) is off.
+        self.train_loss_mean = MeanMetric(nan_strategy="disable")
 
     # ------------------------------------------------------------------ plumbing
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -175,35 +176,32 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One step on a batch of patches, image (B, C, *in) and label (B, 1, *out).
 
-        A non-finite loss on any process is handled on all of them together (see
-        :mod:`segmentation.training.nonfinite`).
-
-        Raises:
-            NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss is NaN or infinite on
-                any process.
+        Its loss is checked for NaN and infinity without waiting for the device; the decision
+        comes before the optimizer step (:mod:`segmentation.training.nonfinite`).
         """
         # the forward pass updates batch norm statistics before the loss shows a bad batch
         buffers = self.nonfinite.snapshot()
         outputs = self(batch["image"])
         loss = self.loss_fn(outputs, batch["label"])
-        local = not bool(torch.isfinite(loss))
-        anywhere = (self.trainer.strategy.reduce_boolean_decision(local, all=False)
-                    if self._trainer is not None else local)
-        if anywhere:
-            value = (f"non-finite loss ({loss.item()})" if local
-                     else "non-finite loss on another process")
-            where = (f"{value} at global step {self.global_step} (epoch {self.current_epoch}, "
-                     f"batch {batch_idx})")
-            self.nonfinite.found(where, buffers)
-            return loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.train_loss_mean.update(loss.detach(), weight=batch["image"].shape[0])
-        self.log("train/loss_epoch", self.train_loss_mean, on_step=False, on_epoch=True)
+        self.nonfinite.check(loss, f"global step {self.global_step} (epoch "
+                             f"{self.current_epoch}, batch {batch_idx})",
+                             batch["image"].shape[0], buffers)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the update of a step that saw a non-finite loss (``nonfinite_loss: skip``)."""
-        self.nonfinite.before_optimizer_step(optimizer)
+        """Decide on the step's losses now that its backward pass is queued, then log them.
+
+        A step that saw a non-finite loss on any process stops the run or is dropped
+        (``nonfinite_loss``); only finite losses reach the log and the epoch's mean.
+
+        Raises:
+            NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss was NaN or infinite
+                on any process.
+        """
+        for loss, batch_size in self.nonfinite.settle(optimizer):
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            self.train_loss_mean.update(loss, weight=batch_size)
+        self.log("train/loss_epoch", self.train_loss_mean, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""

@@ -1,13 +1,21 @@
 """What a NaN or infinite training loss does: stop the run, or skip that optimizer step.
 
 Under DDP every process must take the same decision, or one would wait forever in the
-gradient all-reduce the others skipped; the training module therefore asks all processes
-whether any saw a non-finite loss and hands the answer to :class:`NonFiniteLossPolicy`.
+gradient all-reduce the others skipped; each process therefore adds up, over all processes,
+whether its loss was non-finite, and all decide on that sum.
+
+Nothing here makes the host wait for the device when the loss is computed: the check is
+queued on the device (an all-reduce under DDP, then a copy into pinned host memory), and it is
+read in :meth:`NonFiniteLossPolicy.settle`, just before the optimizer step, when the backward
+pass is already queued. The host then waits only for the end of the forward pass, while the
+device still has the whole backward pass to run; reading the loss in the training step itself
+(``bool(torch.isfinite(loss))``) would drain the device's queue at every step.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,11 +27,26 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
+@dataclass
+class _PendingCheck:
+    """One batch's loss and its check on the way to the host."""
+
+    loss: torch.Tensor                      # () detached, on the device
+    host: torch.Tensor                      # (3,) loss, non-finite here, processes non-finite
+    done: torch.cuda.Event | None           # recorded after the copy (CUDA only)
+    where: str                              # "global step 7 (epoch 0, batch 7)"
+    batch_size: int
+    buffers: list[torch.Tensor] | None      # the network's buffers before this batch
+
+
 class NonFiniteLossPolicy:
     """"stop" raises :class:`NonFiniteLossError`; "skip" drops the step's update.
 
-    With "skip" the bad batch's loss is still returned, so its backward pass and all-reduce
-    run as on every other process; :meth:`before_optimizer_step` then undoes the step.
+    The training step calls :meth:`check` for each batch; the module's
+    ``on_before_optimizer_step`` calls :meth:`settle`, which decides for the whole (possibly
+    accumulated) step. With "skip" the bad batch's backward pass and gradient all-reduce run
+    as on every other process; :meth:`settle` then drops the gradients and restores the
+    buffers.
 
     Args:
         policy: "stop" or "skip".
@@ -37,8 +60,7 @@ class NonFiniteLossPolicy:
         if policy not in NONFINITE:
             raise ValueError(f"nonfinite_loss={policy!r}; choose one of {', '.join(NONFINITE)}")
         self.policy, self.net = policy, net
-        self._skip_step = False
-        self._buffers_before_skip: list[torch.Tensor] | None = None
+        self._pending: list[_PendingCheck] = []
 
     def snapshot(self) -> list[torch.Tensor] | None:
         """The network's buffers before a forward pass (with "skip"; else None)."""
@@ -46,37 +68,79 @@ class NonFiniteLossPolicy:
             return None
         return [b.detach().clone() for b in self.net.buffers()]
 
-    def found(self, where: str, buffers: list[torch.Tensor] | None) -> None:
-        """A process saw a non-finite loss: raise ("stop") or mark the step skipped ("skip").
+    def check(self, loss: torch.Tensor, where: str, batch_size: int,
+              buffers: list[torch.Tensor] | None) -> None:
+        """Queue the check of one batch's loss; nothing waits for the device.
 
         Args:
-            where: what and where, e.g. "non-finite loss (nan) at global step 7 (...)".
+            loss: () the batch's loss, on the device.
+            where: e.g. "global step 7 (epoch 0, batch 7)", for the message.
+            batch_size: samples in the batch (the weight of its loss in the epoch's mean).
             buffers: :meth:`snapshot` from before this batch's forward pass.
+        """
+        loss = loss.detach()
+        here = (~torch.isfinite(loss)).float()
+        anywhere = here.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # queued on the device like the gradients' all-reduce; Lightning's
+            # reduce_boolean_decision adds a barrier and reads the result on the host
+            torch.distributed.all_reduce(anywhere)
+        values = torch.stack([loss.float(), here, anywhere])
+        cuda = values.device.type == "cuda"
+        host = torch.empty(3, dtype=torch.float32, pin_memory=cuda)
+        host.copy_(values, non_blocking=True)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self._pending.append(_PendingCheck(loss, host, done, where, batch_size, buffers))
+
+    def settle(self, optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, int]]:
+        """Decide on the batches checked since the last optimizer step.
+
+        Waits for their forward passes to end (not for the backward pass queued after them).
+        A non-finite loss on any process: "stop" raises; "skip" drops the gradients (without
+        gradients the optimizer leaves every parameter alone: no update, no weight decay, no
+        momentum; with gradient accumulation the whole accumulated step) and restores the
+        buffers (batch norm statistics) from before the first bad batch.
+
+        Args:
+            optimizer: the optimizer about to step.
+
+        Returns:
+            (loss, batch size) of each batch whose loss was finite on this process.
 
         Raises:
             NonFiniteLossError: with "stop".
         """
+        pending, self._pending = self._pending, []
+        finite, first_bad = [], None
+        for check in pending:
+            value, here, anywhere = _wait_and_read(check)
+            if not here:
+                finite.append((check.loss, check.batch_size))
+            if anywhere and first_bad is None:
+                what = f"non-finite loss ({value})" if here else \
+                    "non-finite loss on another process"
+                first_bad = check, f"{what} at {check.where}"
+        if first_bad is None:
+            return finite
+        check, where = first_bad
         if self.policy == "stop":
             raise NonFiniteLossError(f"{where}; training stopped. Lower the learning rate, "
                                      "check the data, or set nonfinite_loss: skip")
         warnings.warn(f"{where}; batch skipped", RuntimeWarning, stacklevel=2)
-        self._skip_step = True
-        if self._buffers_before_skip is None:  # the first bad batch of an accumulation
-            self._buffers_before_skip = buffers  # restored once backward no longer needs them
-
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the gradients and restore the buffers of a step marked skipped.
-
-        Without gradients the optimizer leaves every parameter alone (no update, no weight decay,
-        no momentum; with gradient accumulation the whole accumulated step). The buffers (batch
-        norm running statistics) had already been updated by the bad batch's forward pass.
-        """
-        if not self._skip_step:
-            return
-        self._skip_step = False
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for buffer, saved in zip(self.net.buffers(), self._buffers_before_skip or [],
-                                     strict=True):
+            for buffer, saved in zip(self.net.buffers(), check.buffers or [], strict=True):
                 buffer.copy_(saved)
-        self._buffers_before_skip = None
+        return finite
+
+
+def _wait_and_read(check: _PendingCheck) -> tuple[float, bool, bool]:
+    """The loss, whether it was non-finite here, and on any process (after its copy landed)."""
+    if check.done is not None:
+        check.done.synchronize()
+    value, here, anywhere = check.host.tolist()
+    return value, here > 0, anywhere > 0

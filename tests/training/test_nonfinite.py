@@ -4,6 +4,7 @@ on every DDP process alike."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,6 +78,34 @@ def test_nonfinite_loss_skip_leaves_weights_and_momentum_untouched_then_trains_o
     after = seen.weights[1]
     assert all(torch.isfinite(p).all() for p in after)
     assert not all(torch.equal(a, b) for a, b in zip(after, initial, strict=True))
+
+
+def test_an_accumulated_step_with_one_bad_batch_is_dropped_whole_and_logs_finite_losses():
+    torch.manual_seed(0)
+    module = SegmentationModule(NaNNet(nan_calls={3}), patch_size=(8, 8, 8),
+                                nonfinite_loss="skip")
+    patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}
+               for _ in range(4)]
+    seen, counted = WeightsAfterEachStep(), []
+    counting = pl.Callback()
+    counting.on_train_batch_end = lambda trainer, pl_module, *args: counted.append(
+        int(pl_module.train_loss_mean.weight))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                         callbacks=[seen, counting],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         accumulate_grad_batches=2)
+    with pytest.warns(RuntimeWarning, match=r"at global step 1 \(epoch 0, batch 3\); batch "
+                                            "skipped"):
+        trainer.fit(module, torch.utils.data.DataLoader(patches, batch_size=1))
+    assert trainer.global_step == 2
+    # batches 2 (finite) and 3 (NaN) made the second step: neither moved the weights
+    assert all(torch.equal(a, b) for a, b in zip(seen.weights[1], seen.weights[3], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seen.weights[0], seen.weights[1],
+                                                      strict=True))
+    # the epoch's mean is over the three finite losses, not NaN (counted at each step)
+    assert counted == [0, 2, 2, 3]
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
 
 
 class NaNBeforeBatchNorm(nn.Module):
