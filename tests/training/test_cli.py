@@ -214,6 +214,21 @@ def test_fit_without_a_logger_or_progress_bar_adds_neither_monitor_nor_bar(tiny3
     assert any(isinstance(c, RichProgressBar) for c in with_logger.trainer.callbacks)
 
 
+def test_a_configured_progress_bar_replaces_ours(tiny3d, tmp_path):
+    from pytorch_lightning.callbacks import TQDMProgressBar
+    from pytorch_lightning.callbacks.progress import ProgressBar
+
+    from segmentation.training.callbacks import ThrottledProgressBar
+
+    ours = SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same")[1:], run=False)
+    assert [type(c) for c in ours.trainer.callbacks if isinstance(c, ProgressBar)] == [
+        ThrottledProgressBar]
+    theirs = SegmentationCLI(args=[*fit_args(tiny3d, tmp_path, 3, "same")[1:],
+                                   "--trainer.callbacks+=TQDMProgressBar"], run=False)
+    assert [type(c) for c in theirs.trainer.callbacks if isinstance(c, ProgressBar)] == [
+        TQDMProgressBar]
+
+
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "segmentation.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
