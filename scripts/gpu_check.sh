@@ -2,7 +2,8 @@
 # The GPU figures of the README in one run, about 8 minutes on one H100/H200:
 #   1. training steps of our U-Net vs nnU-Net's PlainConvUNet and MONAI's DynUNet at nnU-Net's
 #      3d_fullres sizes (128³ patch, batch 2, bf16), eager and torch.compile;
-#   2. the training DataLoader on 256³ scans, CPU chain vs device augmentation, 0/4/8 workers,
+#   2. the augmentation alone (MONAI's chain per patch vs batched, 128³) and the training
+#      DataLoader on 256³ scans, CPU chain vs device augmentation, 0/4/8 workers,
 #      and fit throughput as a fraction of the pure step rate, with every host-device
 #      synchronisation of the fits counted;
 #   3. whole-volume inference vs MONAI's sliding_window_inference on a 256³ volume (bf16,
@@ -38,11 +39,11 @@ part() {  # part NAME SECONDS COMMAND...: one part, its JSON lines and its log
 
 part train_networks 240 "$PYTHON" scripts/benchmark.py train --device cuda \
   --sections networks --warmup 5 --steps 30
-part train_data 150 "$PYTHON" scripts/benchmark.py train --device cuda \
-  --sections loader,fit --scan 256 256 256 --cases 2 --workers 0 4 8 \
-  --loader-batches 20 --warmup 5 --steps 30 --fit-workers 8 --sync-debug
+part train_data 170 "$PYTHON" scripts/benchmark.py train --device cuda \
+  --sections augmentation,loader,fit --augmentation-patches 60 --scan 256 256 256 --cases 2 \
+  --workers 0 4 8 --loader-batches 20 --warmup 5 --steps 30 --fit-workers 8 --sync-debug
 part inference 90 "$PYTHON" scripts/benchmark.py --device cuda --volume 256 256 256 \
   --roi 128 128 128 --dtype bf16 --repeats 5 --compile --no-valid
-part inference_large 120 "$PYTHON" scripts/benchmark.py --device cuda --volume 128 128 128 \
+part inference_large 100 "$PYTHON" scripts/benchmark.py --device cuda --volume 128 128 128 \
   --roi 128 128 128 --dtype bf16 --repeats 1 --no-valid --large --gpu-memory-gb 16
 grep -h '"ratio"\|large_volume\|train_fit\|train_loader' "$OUT"/*.jsonl | cut -c1-400

@@ -89,7 +89,7 @@ class NonFiniteLossPolicy:
         values = torch.stack([loss.float(), here, anywhere])
         cuda = values.device.type == "cuda"
         host = torch.empty(3, dtype=torch.float32, pin_memory=cuda)
-        host.copy_(values, non_blocking=True)
+        host.copy_(values, non_blocking=cuda)  # elsewhere no event tells when it landed
         done = None
         if cuda:
             done = torch.cuda.Event()
