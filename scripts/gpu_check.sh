@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README in one run, about 8 minutes on one H100/H200:
+# The GPU figures of the README in one run on one H100/H200 (its parts limited to 570 s in all):
 #   1. training steps of our U-Net vs nnU-Net's PlainConvUNet and MONAI's DynUNet at nnU-Net's
 #      3d_fullres sizes (128³ patch, batch 2, bf16), eager and torch.compile;
 #   2. the augmentation alone (MONAI's chain per patch vs batched, 128³) and the training
@@ -37,7 +37,7 @@ part() {  # part NAME SECONDS COMMAND...: one part, its JSON lines and its log
   echo "   exit $? after $((SECONDS - start)) s; $(grep -c '^{' "$OUT/$name.jsonl") lines"
 }
 
-part train_networks 240 "$PYTHON" scripts/benchmark.py train --device cuda \
+part train_networks 210 "$PYTHON" scripts/benchmark.py train --device cuda \
   --sections networks --warmup 5 --steps 30
 part train_data 170 "$PYTHON" scripts/benchmark.py train --device cuda \
   --sections augmentation,loader,fit --augmentation-patches 60 --scan 256 256 256 --cases 2 \
