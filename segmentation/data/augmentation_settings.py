@@ -47,6 +47,9 @@ class AugmentationSettings:
         contrast_range: that factor.
         low_resolution_probability: downsample (nearest) and upsample back (linear).
         low_resolution_zoom: size of the downsampled patch relative to the patch.
+        inverted_gamma_probability: the gamma transform below on the inverted intensities
+            (−x, then back), which brightens dark structures where it darkens bright ones;
+            nnU-Net applies it (p 0.1) before the plain one.
         gamma_probability: gamma-transform the intensities rescaled to [0, 1], keeping the
             patch's mean and standard deviation.
         gamma_range: the gamma.
@@ -67,6 +70,7 @@ class AugmentationSettings:
     contrast_range: tuple[float, float] = (0.75, 1.25)
     low_resolution_probability: float = 0.25
     low_resolution_zoom: tuple[float, float] = (0.5, 1.0)
+    inverted_gamma_probability: float = 0.1
     gamma_probability: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
 

@@ -11,9 +11,10 @@ because MONAI's and Lightning's augmentations work per sample.
 
 Order (as the CPU chain): rotation and scaling in one resampling (``grid_sample``; the CPU
 chain resamples twice), mirroring, Gaussian noise, blur, brightness, contrast, simulated low
-resolution, gamma. Labels are resampled by nearest neighbour, as the CPU chain does: a one-hot
-+ linear + argmax resampling would smooth borders slightly better but costs a float map per
-class, which is memory the GPU needs for the network, and would make the two paths differ.
+resolution, gamma of the inverted intensities, gamma. Labels are resampled by nearest
+neighbour, as the CPU chain does: a one-hot + linear + argmax resampling would smooth borders
+slightly better but costs a float map per class, which is memory the GPU needs for the
+network, and would make the two paths differ.
 
 Every point a moved sample reads lies inside its window, at least a voxel from the edge
 (:func:`~segmentation.data.augmentation_settings.window_for_reach`), so padding never plays a
@@ -70,6 +71,8 @@ class AugmentationDraw:
     contrast: np.ndarray            # (B,)
     do_low_resolution: np.ndarray   # (B,)
     zoom: np.ndarray                # (B,)
+    do_inverted_gamma: np.ndarray   # (B,)
+    inverted_gamma: np.ndarray      # (B,)
     do_gamma: np.ndarray            # (B,)
     gamma: np.ndarray               # (B,)
 
@@ -127,6 +130,8 @@ def draw_parameters(settings: AugmentationSettings, batch_size: int, spatial_dim
         contrast=uniform(settings.contrast_range),
         do_low_resolution=chance(settings.low_resolution_probability),
         zoom=uniform(settings.low_resolution_zoom),
+        do_inverted_gamma=chance(settings.inverted_gamma_probability),
+        inverted_gamma=uniform(settings.gamma_range),
         do_gamma=chance(settings.gamma_probability),
         gamma=uniform(settings.gamma_range),
     )
@@ -232,7 +237,8 @@ class BatchAugmentation:
         matrices = draw.matrices()[moved]
         arrays = {"theta": self.affine_theta(matrices, sizes[moved]), "matrices": matrices,
                   "noise_std": draw.noise_std, "brightness": draw.brightness,
-                  "contrast": draw.contrast, "gamma": draw.gamma}
+                  "contrast": draw.contrast, "inverted_gamma": draw.inverted_gamma,
+                  "gamma": draw.gamma}
         flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays.values()])
         host = torch.from_numpy(flat)
         if device.type == "cuda":
@@ -347,14 +353,15 @@ class BatchAugmentation:
     # ------------------------------------------------------------------ intensity
     def intensity(self, image: torch.Tensor, draw: AugmentationDraw, values: DeviceValues
                   ) -> torch.Tensor:
-        """Noise, blur, brightness, contrast, low resolution and gamma, each on its samples.
+        """Noise, blur, brightness, contrast, low resolution, inverted gamma and gamma.
 
         Sample by sample on views of the batch, with that sample's numbers from ``values``;
         which samples a step touches is decided on the host.
         """
         steps = ((draw.do_noise, self._noise), (draw.do_blur, self._blur),
                  (draw.do_brightness, self._brightness), (draw.do_contrast, self._contrast),
-                 (draw.do_low_resolution, self._low_resolution), (draw.do_gamma, self._gamma))
+                 (draw.do_low_resolution, self._low_resolution),
+                 (draw.do_inverted_gamma, self._inverted_gamma), (draw.do_gamma, self._gamma))
         for chosen, step in steps:
             for i in np.flatnonzero(chosen).tolist():
                 image[i] = step(image[i], i, draw, values)
@@ -416,14 +423,16 @@ class BatchAugmentation:
         return F.interpolate(small, size=spatial, mode=linear, align_corners=False)[0]
 
     @staticmethod
+    def _inverted_gamma(x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
+                        ) -> torch.Tensor:
+        """MONAI AdjustContrast with invert_image and retain_stats: gamma of −x, negated back."""
+        return -_retained_gamma(-x, values.inverted_gamma[i])
+
+    @staticmethod
     def _gamma(x: torch.Tensor, i: int, draw: AugmentationDraw, values: DeviceValues
                ) -> torch.Tensor:
         """MONAI AdjustContrast with retain_stats: gamma on [0, 1]-rescaled x, mean/std kept."""
-        mean, std = x.mean(), x.std()
-        low = x.min()
-        span = x.max() - low
-        out = ((x - low) / (span + 1e-7)) ** values.gamma[i] * span + low
-        return (out - out.mean()) / (out.std() + 1e-8) * std + mean
+        return _retained_gamma(x, values.gamma[i])
 
 
 @dataclass
@@ -435,7 +444,17 @@ class DeviceValues:
     noise_std: torch.Tensor    # (B,)
     brightness: torch.Tensor   # (B,)
     contrast: torch.Tensor     # (B,)
+    inverted_gamma: torch.Tensor  # (B,)
     gamma: torch.Tensor        # (B,)
+
+
+def _retained_gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Gamma of x rescaled to [0, 1], scaled back, then given x's mean and std (MONAI's)."""
+    mean, std = x.mean(), x.std()
+    low = x.min()
+    span = x.max() - low
+    out = ((x - low) / (span + 1e-7)) ** gamma * span + low
+    return (out - out.mean()) / (out.std() + 1e-8) * std + mean
 
 
 def sampling_grid(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

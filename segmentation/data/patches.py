@@ -305,7 +305,8 @@ def intensity_augmentation(spatial_dims: int,
                            settings: AugmentationSettings | None = None) -> list[Any]:
     """nnU-Net's intensity augmentation of ``image`` with MONAI's transforms, 2D or 3D.
 
-    Gaussian noise, blur, brightness, contrast, simulated low resolution and gamma, with the
+    Gaussian noise, blur, brightness, contrast, simulated low resolution, gamma of the inverted
+    intensities and gamma, with the
     probabilities and ranges of ``settings`` (defaults: nnU-Net's); a step with probability 0
     is left out. Shared by the 3D patches and the 2D slices (see
     :func:`~segmentation.data.slices.slice_augmentation`); the batched device path
@@ -327,6 +328,9 @@ def intensity_augmentation(spatial_dims: int,
             "image", prob=s.low_resolution_probability, zoom_range=s.low_resolution_zoom,
             downsample_mode="nearest",
             upsample_mode="bilinear" if spatial_dims == 2 else "trilinear")),
+        (s.inverted_gamma_probability, lambda: RandAdjustContrastd(
+            "image", prob=s.inverted_gamma_probability, gamma=s.gamma_range, invert_image=True,
+            retain_stats=True)),
         (s.gamma_probability, lambda: RandAdjustContrastd(
             "image", prob=s.gamma_probability, gamma=s.gamma_range, retain_stats=True)),
     ]

@@ -194,6 +194,7 @@ def test_intensity_steps_are_monais(dims):
     draw.blur_sigma[:] = [[0.6, 0.9, 0.75][:dims], [1.0, 0.5, 0.55][:dims]]
     draw.brightness[:], draw.contrast[:] = [0.8, 1.2], [0.77, 1.24]
     draw.zoom[:], draw.gamma[:] = [0.5, 0.83], [0.7, 1.45]
+    draw.inverted_gamma[:] = [1.3, 0.8]
     values = augmentation.device_values(draw, image.device)
     for i in range(2):
         x = image[i]
@@ -202,6 +203,8 @@ def test_intensity_steps_are_monais(dims):
             "_contrast": ScaleIntensityFixedMean(factor=draw.contrast[i] - 1, fixed_mean=True,
                                                  preserve_range=True)(x),
             "_gamma": AdjustContrast(gamma=draw.gamma[i], retain_stats=True)(x),
+            "_inverted_gamma": AdjustContrast(gamma=draw.inverted_gamma[i], invert_image=True,
+                                              retain_stats=True)(x),
         }
         low_resolution = RandSimulateLowResolution(
             prob=1.0, zoom_range=(draw.zoom[i], draw.zoom[i]),
@@ -236,13 +239,14 @@ def cpu_chain_draws(settings: AugmentationSettings, n: int) -> dict[str, np.ndar
     chain.set_random_state(7)
     steps = chain.transforms
     rotate, scale, flips = steps[1], steps[2], steps[3:6]
-    noise, blur, brightness, contrast, low_res, gamma = steps[6:12]
+    noise, blur, brightness, contrast, low_res, inverted_gamma, gamma = steps[6:13]
     volume = {"image": np.random.default_rng(0).normal(size=(1, 4, 4, 4)).astype(np.float32),
               "label": np.zeros((1, 4, 4, 4), dtype=np.int64)}
     rows: dict[str, list] = {key: [] for key in (
         "do_rotate", "angles", "do_scale", "scales", "mirror", "do_noise", "do_blur",
         "blur_sigma", "do_brightness", "brightness", "do_contrast", "contrast",
-        "do_low_resolution", "zoom", "do_gamma", "gamma")}
+        "do_low_resolution", "zoom", "do_inverted_gamma", "inverted_gamma", "do_gamma",
+        "gamma")}
     for _ in range(n):
         chain(dict(volume))
         rows["do_rotate"].append(rotate._do_transform)
@@ -259,6 +263,8 @@ def cpu_chain_draws(settings: AugmentationSettings, n: int) -> dict[str, np.ndar
         rows["contrast"].append(1 + contrast.scaler.factor)
         rows["do_low_resolution"].append(low_res._do_transform)
         rows["zoom"].append(low_res.sim_lowres_tfm.zoom_factor)
+        rows["do_inverted_gamma"].append(inverted_gamma._do_transform)
+        rows["inverted_gamma"].append(inverted_gamma.adjuster.gamma_value)
         rows["do_gamma"].append(gamma._do_transform)
         rows["gamma"].append(gamma.adjuster.gamma_value)
     return {key: np.asarray(value, dtype=float) for key, value in rows.items()}

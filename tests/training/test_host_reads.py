@@ -126,7 +126,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny3d, tmp_path, mo
         cli = fit(tiny3d, tmp_path, "--data.augment", "true", "--data.augment_on", "device",
                   "--data.augmentation", "{rotation_probability: 0.5, scaling_probability: 0.5, "
                   "noise_probability: 1, blur_probability: 1, brightness_probability: 1, "
-                  "contrast_probability: 1, low_resolution_probability: 1, gamma_probability: 1}",
+                  "contrast_probability: 1, low_resolution_probability: 1, gamma_probability: 1, "
+                  "inverted_gamma_probability: 1}",
                   "--model.nonfinite_loss", nonfinite)
     seconds = time.monotonic() - started
     assert cli.trainer.global_step == 6 and cli.datamodule.batch_augmentation is not None
