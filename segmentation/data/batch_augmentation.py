@@ -269,8 +269,9 @@ class BatchAugmentation:
         batch = len(image)
         image_out = torch.empty((batch, first.shape[0], *self.input_size), dtype=torch.float32,
                                 device=first.device)
-        label_out = torch.empty((batch, 1, *self.input_size), dtype=label[0].dtype,
-                                device=first.device)
+        dtypes = {x.dtype for x in label}   # uint8 windows, int64 where a label exceeds 255
+        label_out = torch.empty((batch, 1, *self.input_size), device=first.device,
+                                dtype=dtypes.pop() if len(dtypes) == 1 else torch.long)
         moved = draw.moved
         grid = sampling_grid(values.theta, self.input_size) if moved.size else None
         slot = {int(i): j for j, i in enumerate(moved)}

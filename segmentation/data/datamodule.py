@@ -303,7 +303,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if (self.batch_augmentation is not None and isinstance(batch, dict)
                 and SPATIAL in batch):
             batch = dict(batch)
-            self._host_spatial = batch.pop(SPATIAL).numpy()
+            self._host_spatial = np.asarray(batch.pop(SPATIAL), dtype=np.float64)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -316,7 +316,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
         Returns:
             {"image": (B, C, *input_size), "label": (B, 1, *output_size)}; batches of
-            validation, test and predict pass unchanged.
+            validation, test and predict pass unchanged. The image has the dtype the trainer's
+            precision gives inputs (float16 for "16-true"; the augmentation computes in
+            float32).
         """
         trainer = self.trainer
         if (self.batch_augmentation is None or trainer is None or not trainer.training
@@ -325,6 +327,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         image, label = self.batch_augmentation(batch["image"], batch["label"],
                                                spatial=self._host_spatial)
         self._host_spatial = None
+        image = trainer.precision_plugin.convert_input(image)
         return {**batch, "image": image, "label": label}
 
     def val_dataloader(self) -> DataLoader:

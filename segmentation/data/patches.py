@@ -241,7 +241,7 @@ class AugmentationWindowCropd(ForegroundOversampledCropd):
                                                       strict=True)]
         d[self.image_key] = torch.from_numpy(reflect_window(image, start, window))
         d[self.label_key] = compact_label(reflect_window(label, start, window))
-        d[SPATIAL] = torch.from_numpy(row.astype(np.float32))
+        d[SPATIAL] = row  # numpy float64: a "true" precision's input cast leaves it alone
         return d
 
 
@@ -256,11 +256,11 @@ def collate_windows(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Returns:
         {"image": list of (C, *window_b), "label": list of (1, *window_b), "spatial":
-        (B, 2 + A + d)}.
+        (B, 2 + A + d) numpy float64, the draws the windows were cut for}.
     """
     return {"image": [item["image"] for item in items],
             "label": [item["label"] for item in items],
-            SPATIAL: torch.stack([item[SPATIAL] for item in items])}
+            SPATIAL: np.stack([np.asarray(item[SPATIAL], dtype=np.float64) for item in items])}
 
 
 def reflect_window(array: np.ndarray, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:

@@ -1,13 +1,10 @@
-"""Callbacks added to every run: resumable checkpoints, peak GPU memory, a progress bar."""
+"""Callbacks added to every run: resumable checkpoints, peak GPU memory."""
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -46,35 +43,3 @@ class PeakMemory(pl.Callback):
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             pl_module.log("memory/peak_gib", peak, reduce_fx="max", sync_dist=True)
 
-
-class ThrottledProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, reading the logged values at most once a second in training.
-
-    Reading them copies the loss from the device. Lightning's bar does so after every batch,
-    so the host waits for each step to end before it queues the next one, and the GPU idles
-    in between; here the bar moves at every batch, the numbers beside it at most every
-    ``metrics_every`` seconds (and at every epoch's end).
-
-    Args:
-        metrics_every: seconds between two reads of the logged values while training.
-        **kwargs: RichProgressBar's.
-    """
-
-    def __init__(self, metrics_every: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.metrics_every = metrics_every
-        self._shown: dict[str, Any] = {}
-        self._read_at = -float("inf")
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The logged values, read afresh outside training or once ``metrics_every`` passed."""
-        now = time.monotonic()
-        if trainer.training and now - self._read_at < self.metrics_every:
-            return self._shown
-        self._shown, self._read_at = super().get_metrics(trainer, pl_module), now
-        return self._shown
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Show the epoch's final values."""
-        self._read_at = -float("inf")
-        super().on_train_epoch_end(trainer, pl_module)

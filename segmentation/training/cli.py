@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.callbacks.progress import ProgressBar as AnyProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -37,7 +37,7 @@ from segmentation.inference.checkpoint import (
     network_weights,
     read_checkpoint,
 )
-from segmentation.training.callbacks import LastCheckpoint, PeakMemory, ThrottledProgressBar
+from segmentation.training.callbacks import LastCheckpoint, PeakMemory
 from segmentation.training.module import SegmentationModule
 from segmentation.training.prediction_writer import (
     PREDICTIONS_FOLDER,
@@ -271,7 +271,7 @@ class SegmentationCLI(LightningCLI):
             extra.append(self._prediction_writer(config, Path(config.runs_dir) / config.name
                                                  / version))
         if trainer.get("enable_progress_bar") is not False:  # Lightning refuses a bar when off
-            extra.append(ThrottledProgressBar())
+            extra.append(RichProgressBar())
         if logger is None or bool(logger):  # a LearningRateMonitor without a logger raises
             extra += [LearningRateMonitor(logging_interval="step"), PeakMemory()]
         configured = trainer.get("callbacks") or []

@@ -116,7 +116,9 @@ class SegmentationModule(pl.LightningModule):
                 # one training patch: the model summary shows its output shape and real FLOPs
                 channels = getattr(self.net, "in_channels", None) or len(
                     datamodule.info.channel_names)
-                self.example_input_array = torch.zeros(1, channels, *self.hparams.patch_size)
+                # in the dtype the trainer gives inputs ("bf16-true": bfloat16)
+                self.example_input_array = self.trainer.precision_plugin.convert_input(
+                    torch.zeros(1, channels, *self.hparams.patch_size))
 
     def _check_matches_dataset(self, datamodule: Any) -> None:
         """The network's input and output channels must fit the dataset's channels and labels."""
@@ -198,10 +200,21 @@ class SegmentationModule(pl.LightningModule):
             NonFiniteLossError: with ``nonfinite_loss: stop``, if the loss was NaN or infinite
                 on any process.
         """
-        for loss, batch_size in self.nonfinite.settle(optimizer):
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-            self.train_loss_mean.update(loss, weight=batch_size)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        for loss, value, batch_size in self.nonfinite.settle(
+                optimizer, scaler_reads_gradients=scaler is not None and fused):
+            # The host's copy: Lightning turns progress-bar values into numbers after every
+            # batch, which for a device tensor means waiting for the step to finish.
+            self.log("train/loss", torch.tensor(value), prog_bar=True, on_step=True,
+                     on_epoch=False)
+            # each sample counts once; a weight argument would be copied from the host
+            self.train_loss_mean.update(loss.expand(batch_size))
         self.log("train/loss_epoch", self.train_loss_mean, on_step=False, on_epoch=True)
+
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch with no loss checks left from an interrupted optimizer step."""
+        self.nonfinite.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""

@@ -93,10 +93,15 @@ class NonFiniteLossPolicy:
         done = None
         if cuda:
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(values.device))
         self._pending.append(_PendingCheck(loss, host, done, where, batch_size, buffers))
 
-    def settle(self, optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, int]]:
+    def reset(self) -> None:
+        """Forget checks of an optimizer step that never came (e.g. a stop mid-accumulation)."""
+        self._pending = []
+
+    def settle(self, optimizer: torch.optim.Optimizer, scaler_reads_gradients: bool = False
+               ) -> list[tuple[torch.Tensor, float, int]]:
         """Decide on the batches checked since the last optimizer step.
 
         Waits for their forward passes to end (not for the backward pass queued after them).
@@ -107,9 +112,14 @@ class NonFiniteLossPolicy:
 
         Args:
             optimizer: the optimizer about to step.
+            scaler_reads_gradients: a float16 gradient scaler will look for infinities in the
+                gradients itself (a fused optimizer under "16-mixed": Lightning has not
+                unscaled them): the gradients are set to infinity, so that the scaler skips
+                the step, instead of dropped, which it would refuse.
 
         Returns:
-            (loss, batch size) of each batch whose loss was finite on this process.
+            (loss on the device, its value on the host, batch size) of each batch whose loss
+            was finite on this process.
 
         Raises:
             NonFiniteLossError: with "stop".
@@ -119,7 +129,7 @@ class NonFiniteLossPolicy:
         for check in pending:
             value, here, anywhere = _wait_and_read(check)
             if not here:
-                finite.append((check.loss, check.batch_size))
+                finite.append((check.loss, value, check.batch_size))
             if anywhere and first_bad is None:
                 what = f"non-finite loss ({value})" if here else \
                     "non-finite loss on another process"
@@ -131,7 +141,14 @@ class NonFiniteLossPolicy:
             raise NonFiniteLossError(f"{where}; training stopped. Lower the learning rate, "
                                      "check the data, or set nonfinite_loss: skip")
         warnings.warn(f"{where}; batch skipped", RuntimeWarning, stacklevel=2)
-        optimizer.zero_grad(set_to_none=True)
+        if scaler_reads_gradients:
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for parameter in group["params"]:
+                        if parameter.grad is not None:
+                            parameter.grad.fill_(float("inf"))
+        else:
+            optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, saved in zip(self.net.buffers(), check.buffers or [], strict=True):
                 buffer.copy_(saved)

@@ -338,7 +338,7 @@ def test_output_statistics_match_the_cpu_chain():
     assert all(a >= b for s in shapes for a, b in zip(s, size, strict=True))
     assert any(s != size for s in shapes)  # moved patches carry the margin they need
     images, labels = augmentation(batch["image"], batch["label"],
-                                  spatial=batch["spatial"].numpy())
+                                  spatial=batch["spatial"])
     device_stats = np.array([summary(i, lab) for i, lab in zip(images, labels, strict=True)])
     for column, name in enumerate(("mean", "std", "label share", "slice change")):
         assert stats.ks_2samp(cpu_stats[:, column], device_stats[:, column]).pvalue > 1e-3, name

@@ -185,8 +185,13 @@ def test_cached_volumes_are_not_read_or_preprocessed_again(synth_medium, tmp_pat
 # ------------------------------------------------------------------ where augmentation runs
 
 
-def fake_trainer(device: str, training: bool = True) -> SimpleNamespace:
-    return SimpleNamespace(training=training, global_rank=0,
+def fake_trainer(device: str, training: bool = True, precision: str = "32-true"
+                 ) -> SimpleNamespace:
+    from pytorch_lightning.plugins.precision import HalfPrecision, Precision
+
+    plugin = HalfPrecision(precision) if precision.endswith("-true") and precision != "32-true" \
+        else Precision()
+    return SimpleNamespace(training=training, global_rank=0, precision_plugin=plugin,
                            strategy=SimpleNamespace(root_device=torch.device(device)))
 
 
@@ -219,6 +224,27 @@ def test_device_augmentation_cuts_windows_and_augments_after_transfer(synth_medi
     assert not torch.allclose(batch["image"][0], first[(slice(None), *centre)])  # rotated
     dm.trainer = fake_trainer("cpu", training=False)  # validation batches pass unchanged
     assert dm.on_after_batch_transfer(before, 0) is before
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16),
+                                                  ("16-true", torch.float16)])
+def test_device_augmentation_under_a_true_precision(synth_medium, precision, dtype):
+    """Lightning casts a batch's floats to a "true" precision before the transfer: the draws
+    travel as numpy (untouched, exact), and the augmented image comes out in that dtype."""
+    dm = SegmentationDataModule(str(synth_medium), patch_size=(16, 16, 12), batch_size=2,
+                                patches_per_epoch=4, num_workers=0, cache="memory", check=False,
+                                augment_on="device", augmentation={"rotation_probability": 1.0})
+    dm.setup("fit")
+    dm.trainer = fake_trainer("cpu", precision=precision)
+    windows = next(iter(dm.train_dataloader()))
+    rows = windows["spatial"].copy()
+    cast = dm.trainer.precision_plugin.convert_input(windows)        # as Lightning does first
+    assert cast["image"][0].dtype == dtype and cast["spatial"].dtype == np.float64
+    before = dm.on_before_batch_transfer(cast, 0)
+    assert np.array_equal(dm._host_spatial, rows)
+    batch = dm.on_after_batch_transfer(before, 0)
+    assert batch["image"].dtype == dtype and batch["image"].shape == (2, 1, 16, 16, 12)
+    assert batch["label"].dtype == torch.long
 
 
 @pytest.mark.parametrize(("augment_on", "device", "expected"), [

@@ -124,6 +124,18 @@ def test_fit_with_device_augmentation_on_a_cpu_trainer(dims, padding, slice_axis
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
+def test_device_augmentation_trains_under_a_true_precision(tiny3d, tmp_path):
+    """bf16-true: the draws survive Lightning's input cast and the augmented batch (and the
+    model summary's example input) reach the bfloat16 network as bfloat16."""
+    cli = SegmentationCLI(args=fit_args(
+        tiny3d, tmp_path, 3, "same", "--trainer.fast_dev_run", "true",
+        "--trainer.precision", "bf16-true", "--data.augment", "true",
+        "--data.augment_on", "device", "--data.augmentation", "{rotation_probability: 1.0}"))
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert next(cli.model.net.parameters()).dtype == torch.bfloat16
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
 @pytest.mark.parametrize(("option", "message"), [
     (["--data.augment_on", "gpu"],
      "error: data.augment_on='gpu' is not supported; choose one of auto, cpu, device"),
@@ -215,14 +227,12 @@ def test_fit_without_a_logger_or_progress_bar_adds_neither_monitor_nor_bar(tiny3
 
 
 def test_a_configured_progress_bar_replaces_ours(tiny3d, tmp_path):
-    from pytorch_lightning.callbacks import TQDMProgressBar
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
     from pytorch_lightning.callbacks.progress import ProgressBar
-
-    from segmentation.training.callbacks import ThrottledProgressBar
 
     ours = SegmentationCLI(args=fit_args(tiny3d, tmp_path, 3, "same")[1:], run=False)
     assert [type(c) for c in ours.trainer.callbacks if isinstance(c, ProgressBar)] == [
-        ThrottledProgressBar]
+        RichProgressBar]
     theirs = SegmentationCLI(args=[*fit_args(tiny3d, tmp_path, 3, "same")[1:],
                                    "--trainer.callbacks+=TQDMProgressBar"], run=False)
     assert [type(c) for c in theirs.trainer.callbacks if isinstance(c, ProgressBar)] == [

@@ -3,6 +3,7 @@ on every DDP process alike."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -106,6 +107,31 @@ def test_an_accumulated_step_with_one_bad_batch_is_dropped_whole_and_logs_finite
     # the epoch's mean is over the three finite losses, not NaN (counted at each step)
     assert counted == [0, 2, 2, 3]
     assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_under_a_float16_gradient_scaler_leaves_weights_untouched(fused):
+    """With "16-mixed" a fused optimizer lets the scaler look for infinities itself: the
+    skipped step must leave it some (dropped gradients would make it refuse to update)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = SegmentationModule(NaNNet(nan_calls={0}), patch_size=(8, 8, 8),
+                                nonfinite_loss="skip", optimizer=functools.partial(
+                                    torch.optim.SGD, lr=0.01, momentum=0.9, fused=fused))
+    initial = [p.detach().clone() for p in module.parameters()]
+    seen = WeightsAfterEachStep()
+    patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}
+               for _ in range(2)]
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[seen],
+                         plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match="batch skipped"):
+        trainer.fit(module, torch.utils.data.DataLoader(patches, batch_size=1))
+    assert all(torch.equal(a, b) for a, b in zip(seen.weights[0], initial, strict=True))
+    assert all(torch.isfinite(p).all() for p in seen.weights[1])
+    assert not all(torch.equal(a, b) for a, b in zip(seen.weights[1], initial, strict=True))
 
 
 class NaNBeforeBatchNorm(nn.Module):
