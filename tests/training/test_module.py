@@ -94,3 +94,25 @@ def test_channels_last_changes_the_memory_layout_not_the_logits(dims):
     x = torch.randn(2, 1, *(16,) * dims)
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_epoch_mean_loss_weighs_each_batch_by_its_samples():
+    """Batches of 3 and 1 patches: the mean over the 4 patches, not over the 2 batches."""
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, features=(4, 8), out_channels=4)
+    module = SegmentationModule(net, patch_size=(8, 8, 8))
+    losses, means = [], []
+    watch = pl.Callback()
+    watch.on_train_batch_end = lambda trainer, pl_module, outputs, *args: (
+        losses.append(float(outputs["loss"])), means.append(
+            (float(pl_module.train_loss_mean.weight),
+             float(pl_module.train_loss_mean.mean_value))))
+    patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}
+               for _ in range(4)]
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[watch],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, torch.utils.data.DataLoader(patches, batch_size=3))
+    assert len(losses) == 2
+    assert means[-1][0] == 4
+    assert means[-1][1] == pytest.approx(3 * losses[0] + losses[1], rel=1e-5)
