@@ -74,7 +74,9 @@ def loader_rate(dm: SegmentationDataModule, device: torch.device, batches: int,
     workers = dm.num_workers
     warmup += 2 * workers
     batches = max(batches, 4 * workers)
-    dm.trainer = SimpleNamespace(training=True, global_rank=0,
+    from pytorch_lightning.plugins.precision import Precision
+
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, precision_plugin=Precision(),
                                  strategy=SimpleNamespace(root_device=device))
     loader = dm.train_dataloader()
     iterator = iter(loader)
