@@ -72,9 +72,8 @@ class DeviceWaits(TorchFunctionMode):
             if read or upload:
                 self.waits.append((name, self.hook or "-", _caller()))
         out = func(*args, **kwargs)
-        if name == "copy_":  # the destination decides where the result lives
-            pass
-        elif name != "cpu" and (from_device or made_on_device):
+        # copy_ returns its destination, which stays where it was; cpu() lands on the host
+        if name not in ("copy_", "cpu") and (from_device or made_on_device):
             self.mark(out)
         return out
 
