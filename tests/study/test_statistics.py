@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import stats
@@ -60,12 +58,10 @@ def test_missing_values_and_empty_cases() -> None:
     assert all(np.isnan(nested_bootstrap_ci(np.full((3, 2), np.nan), resamples=100)))
 
 
-def test_bootstrap_is_deterministic_and_fast() -> None:
+def test_bootstrap_is_deterministic() -> None:
     values = np.random.default_rng(2).normal(0.8, 0.05, size=(32, 3))
     values[0, 1] = np.nan
-    start = time.perf_counter()
     first = nested_bootstrap_ci(values, resamples=10_000, seed=5)
-    assert time.perf_counter() - start < 1.0
     assert nested_bootstrap_ci(values, resamples=10_000, seed=5) == first
     assert nested_bootstrap_ci(values, resamples=10_000, seed=6) != first
     differences = values[:, 0] - 0.75
