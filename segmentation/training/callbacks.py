@@ -42,4 +42,3 @@ class PeakMemory(pl.Callback):
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             pl_module.log("memory/peak_gib", peak, reduce_fx="max", sync_dist=True)
-

@@ -276,9 +276,11 @@ class SegmentationCLI(LightningCLI):
             extra += [LearningRateMonitor(logging_interval="step"), PeakMemory()]
         configured = trainer.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        kinds = {AnyProgressBar if isinstance(c, AnyProgressBar) else type(c) for c in configured}
-        kwargs["callbacks"] = configured + [c for c in extra if type(c) not in kinds and not (
-            isinstance(c, AnyProgressBar) and AnyProgressBar in kinds)]
+        def kind(callback: Any) -> type:  # any progress bar replaces ours
+            return AnyProgressBar if isinstance(callback, AnyProgressBar) else type(callback)
+
+        kinds = {kind(c) for c in configured}
+        kwargs["callbacks"] = configured + [c for c in extra if kind(c) not in kinds]
         return super().instantiate_trainer(**kwargs)
 
     def _prediction_writer(self, config: Namespace, run_dir: Path) -> PredictionWriter:
