@@ -22,7 +22,10 @@ from segmentation.inference.predictor import Predictor
 from segmentation.inference.restore import check_finite, probabilities_on_scan, softmax_
 from segmentation.training.gather import gather_cases
 from segmentation.training.losses import SegmentationLoss
-from segmentation.training.nonfinite import NonFiniteLossPolicy
+from segmentation.training.nonfinite import (
+    NonFiniteLossPolicy,
+    refuse_optimizers_that_skipped_steps_corrupt,
+)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -217,12 +220,19 @@ class SegmentationModule(pl.LightningModule):
         self.nonfinite.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured."""
+        """Optimizer and scheduler: nnU-Net's SGD and poly decay unless configured.
+
+        Raises:
+            ValueError: for fused SGD with momentum under a float16 gradient scaler, whose
+                skipped steps corrupt it.
+        """
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(self.parameters())
         else:
             optimizer = torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.99, nesterov=True,
                                         weight_decay=3e-5)
+        refuse_optimizers_that_skipped_steps_corrupt(
+            optimizer, getattr(self.trainer.precision_plugin, "scaler", None))
         if self.scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
         total = max(int(self.trainer.estimated_stepping_batches), 1)

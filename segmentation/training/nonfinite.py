@@ -161,3 +161,31 @@ def _wait_and_read(check: _PendingCheck) -> tuple[float, bool, bool]:
         check.done.synchronize()
     value, here, anywhere = check.host.tolist()
     return value, here > 0, anywhere > 0
+
+
+def refuse_optimizers_that_skipped_steps_corrupt(optimizer: torch.optim.Optimizer,
+                                                 scaler: object | None) -> None:
+    """Refuse fused SGD with momentum when a float16 gradient scaler may skip its steps.
+
+    A float16 gradient scaler skips every step whose gradients overflowed (routinely the first
+    few, while the scale settles) and lets a fused optimizer do the skipping in its kernel.
+    PyTorch's fused SGD then corrupts its momentum: a skipped first step leaves the buffers it
+    allocated with ``empty_like`` uninitialised, and the next step adds that memory to the
+    weights (seen with torch 2.13 on the CPU; also reported for its CUDA kernel). Fused Adam
+    and AdamW leave their state untouched on a skipped step and are accepted.
+
+    Args:
+        optimizer: the configured optimizer.
+        scaler: the precision plugin's gradient scaler, or None without one.
+
+    Raises:
+        ValueError: for SGD with ``fused=True`` and momentum under a gradient scaler.
+    """
+    if scaler is None or not isinstance(optimizer, torch.optim.SGD):
+        return
+    if any(group.get("fused") and group.get("momentum", 0) for group in optimizer.param_groups):
+        raise ValueError(
+            "optimizer SGD with fused=True and momentum cannot train under precision "
+            "'16-mixed': a step its gradient scaler skips leaves the fused momentum buffers "
+            "uninitialised and the next step adds them to the weights; set the optimizer's "
+            "fused: false (its default), or train with precision 'bf16-mixed' or '32-true'")

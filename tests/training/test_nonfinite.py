@@ -109,16 +109,19 @@ def test_an_accumulated_step_with_one_bad_batch_is_dropped_whole_and_logs_finite
     assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_skip_under_a_float16_gradient_scaler_leaves_weights_untouched(fused):
+@pytest.mark.parametrize("optimizer", [
+    functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+    functools.partial(torch.optim.AdamW, lr=0.01),
+    functools.partial(torch.optim.AdamW, lr=0.01, fused=True),
+], ids=["sgd", "adamw", "adamw-fused"])
+def test_skip_under_a_float16_gradient_scaler_leaves_weights_untouched(optimizer):
     """With "16-mixed" a fused optimizer lets the scaler look for infinities itself: the
     skipped step must leave it some (dropped gradients would make it refuse to update)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     torch.manual_seed(0)
     module = SegmentationModule(NaNNet(nan_calls={0}), patch_size=(8, 8, 8),
-                                nonfinite_loss="skip", optimizer=functools.partial(
-                                    torch.optim.SGD, lr=0.01, momentum=0.9, fused=fused))
+                                nonfinite_loss="skip", optimizer=optimizer)
     initial = [p.detach().clone() for p in module.parameters()]
     seen = WeightsAfterEachStep()
     patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}
@@ -132,6 +135,45 @@ def test_skip_under_a_float16_gradient_scaler_leaves_weights_untouched(fused):
     assert all(torch.equal(a, b) for a, b in zip(seen.weights[0], initial, strict=True))
     assert all(torch.isfinite(p).all() for p in seen.weights[1])
     assert not all(torch.equal(a, b) for a, b in zip(seen.weights[1], initial, strict=True))
+
+
+def _fit_one_step(optimizer, scaler: bool) -> None:
+    """One step, under "16-mixed" with its gradient scaler (forced on the CPU) or "32-true"."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = SegmentationModule(NaNNet(nan_calls=set()), patch_size=(8, 8, 8),
+                                optimizer=optimizer)
+    patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}]
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if scaler else []
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, plugins=plugins,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, torch.utils.data.DataLoader(patches, batch_size=1))
+
+
+def test_fused_sgd_with_momentum_is_refused_under_a_float16_gradient_scaler():
+    """PyTorch's fused SGD leaves its momentum uninitialised when the scaler skips the first
+    step (the weights then jump by whatever that memory held): such a run must not start."""
+    fused_sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, fused=True)
+    with pytest.raises(ValueError, match="fused: false"):
+        _fit_one_step(fused_sgd, scaler=True)
+    # without a scaler, or without momentum, fused SGD is fine
+    _fit_one_step(fused_sgd, scaler=False)
+    _fit_one_step(functools.partial(torch.optim.SGD, lr=0.01, fused=True), scaler=True)
+
+
+def test_pytorch_fused_sgd_still_keeps_momentum_from_a_skipped_first_step():
+    """The reason for the refusal above, checked against the installed PyTorch: a first step
+    the scaler skips leaves fused SGD a momentum buffer it never wrote (unfused SGD has none).
+    Once this fails, PyTorch has fixed it and the refusal can go."""
+    for fused in (False, True):
+        weights = torch.nn.Parameter(torch.ones(16))
+        optimizer = torch.optim.SGD([weights], lr=0.01, momentum=0.9, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+        scaler.scale((weights * float("inf")).sum()).backward()
+        scaler.step(optimizer)
+        assert ("momentum_buffer" in optimizer.state[weights]) == fused
+        assert torch.equal(weights.detach(), torch.ones(16))
 
 
 class NaNBeforeBatchNorm(nn.Module):
