@@ -176,12 +176,14 @@ def refuse_optimizers_that_skipped_steps_corrupt(optimizer: torch.optim.Optimize
 
     Args:
         optimizer: the configured optimizer.
-        scaler: the precision plugin's gradient scaler, or None without one.
+        scaler: the precision plugin's gradient scaler, or None without one (a disabled
+            scaler skips nothing).
 
     Raises:
         ValueError: for SGD with ``fused=True`` and momentum under a gradient scaler.
     """
-    if scaler is None or not isinstance(optimizer, torch.optim.SGD):
+    enabled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
+    if not enabled or not isinstance(optimizer, torch.optim.SGD):
         return
     if any(group.get("fused") and group.get("momentum", 0) for group in optimizer.param_groups):
         raise ValueError(

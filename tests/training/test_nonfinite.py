@@ -137,14 +137,15 @@ def test_skip_under_a_float16_gradient_scaler_leaves_weights_untouched(optimizer
     assert not all(torch.equal(a, b) for a, b in zip(seen.weights[1], initial, strict=True))
 
 
-def _fit_one_step(optimizer, scaler: bool) -> None:
+def _fit_one_step(optimizer, scaler: bool, enabled: bool = True) -> None:
     """One step, under "16-mixed" with its gradient scaler (forced on the CPU) or "32-true"."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     module = SegmentationModule(NaNNet(nan_calls=set()), patch_size=(8, 8, 8),
                                 optimizer=optimizer)
     patches = [{"image": torch.randn(1, 8, 8, 8), "label": torch.randint(0, 4, (1, 8, 8, 8))}]
-    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if scaler else []
+    plugins = ([MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", enabled=enabled))]
+               if scaler else [])
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, plugins=plugins,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0)
@@ -159,6 +160,7 @@ def test_fused_sgd_with_momentum_is_refused_under_a_float16_gradient_scaler():
         _fit_one_step(fused_sgd, scaler=True)
     # without a scaler, or without momentum, fused SGD is fine
     _fit_one_step(fused_sgd, scaler=False)
+    _fit_one_step(fused_sgd, scaler=True, enabled=False)  # a disabled scaler skips nothing
     _fit_one_step(functools.partial(torch.optim.SGD, lr=0.01, fused=True), scaler=True)
 
 
