@@ -27,6 +27,7 @@ from segmentation.data.batch_augmentation import (
     AugmentationDraw,
     BatchAugmentation,
     draw_parameters,
+    gaussian_kernel,
     sampling_grid,
 )
 from segmentation.data.patches import (
@@ -370,3 +371,12 @@ def test_settings_refuse_values_outside_their_range_naming_the_key():
     with pytest.raises(ValueError, match=r"data\.augmentation\.rotation_degres is not a setting"):
         AugmentationSettings.from_value({"rotation_degres": 10})
     assert AugmentationSettings.from_value({"blur_sigma": [0.4, 0.8]}).blur_sigma == (0.4, 0.8)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.73, 1.0, 1.4, 2.6])
+def test_blur_kernels_are_monais(sigma):
+    """The host's kernels equal MONAI's gaussian_1d (erf, truncated at 4 σ): same taps."""
+    from monai.networks.layers.convutils import gaussian_1d
+
+    monai = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="erf").tolist()
+    np.testing.assert_allclose(gaussian_kernel(sigma), monai, rtol=0, atol=3e-8)
